@@ -1,0 +1,143 @@
+"""Training callbacks that Lightning does not ship: throughput, augmentation preview, plain-text progress."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ProgressBar
+from torchvision.utils import make_grid
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class EpochThroughput(Callback):
+    """Logs ``train/images_per_sec`` once per epoch: images trained over wall time of the training batches.
+
+    Lightning's ThroughputMonitor synchronises the device after every batch; one synchronisation per
+    epoch is enough for an epoch figure and costs the GPU nothing.
+    """
+
+    def __init__(self) -> None:
+        self._start = 0.0
+        self._images = 0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _sync(pl_module.device)
+        self._start, self._images = time.perf_counter(), 0
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._images += batch[1].shape[0]
+        if batch_idx + 1 == trainer.num_training_batches:
+            _sync(pl_module.device)
+            elapsed = max(time.perf_counter() - self._start, 1e-9)
+            rate = self._images * trainer.world_size / elapsed
+            pl_module.log("train/images_per_sec", float(rate), on_step=False, on_epoch=True, sync_dist=False)
+
+
+class AugmentationPreview(Callback):
+    """Writes a grid of augmented training images to TensorBoard when fitting starts."""
+
+    def __init__(self, count: int = 64) -> None:
+        self.count = count
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        datamodule = trainer.datamodule
+        logger = trainer.logger
+        if not trainer.is_global_zero or logger is None or not hasattr(logger.experiment, "add_image"):
+            return
+        images = datamodule.augmented_preview(self.count)
+        grid = make_grid(images, nrow=8, padding=2)
+        logger.experiment.add_image("train/augmented_samples", grid, global_step=trainer.global_step)
+
+
+class SaveRunArguments(Callback):
+    """Writes the resolved command-line arguments into the run folder (``args.json``; resumes add more)."""
+
+    def __init__(self, arguments: dict[str, Any]) -> None:
+        self.arguments = arguments
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or trainer.logger is None or trainer.logger.log_dir is None:
+            return
+        run_dir = Path(trainer.logger.log_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        target = run_dir / "args.json"
+        resume = 1
+        while target.exists():  # a resumed run keeps the first run's arguments and adds its own
+            target = run_dir / f"args.resume{resume}.json"
+            resume += 1
+        target.write_text(json.dumps(self.arguments, indent=2, sort_keys=True) + "\n")
+
+
+class LineProgress(ProgressBar):
+    """Progress as plain lines, for logs and CI where a redrawn bar turns into noise.
+
+    A line every ``every`` training batches and one per validation; reading logged values
+    synchronises the device, so it happens only when a line is printed.
+    """
+
+    def __init__(self, every: int = 50) -> None:
+        super().__init__()
+        self.every = max(1, every)
+        self._enabled = True
+        self._epoch_start = 0.0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def _print(self, text: str) -> None:
+        if self._enabled:
+            print(text, file=sys.stdout, flush=True)
+
+    @staticmethod
+    def _format(metrics: dict[str, Any], keys: tuple[str, ...]) -> str:
+        shown = []
+        for key in keys:
+            if key in metrics:
+                value = metrics[key]
+                shown.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+        return "  ".join(shown)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        done = batch_idx + 1
+        if done % self.every and done != self.total_train_batches:
+            return
+        metrics = self.get_metrics(trainer, pl_module)
+        epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else "?"
+        self._print(
+            f"epoch {trainer.current_epoch + 1}/{epochs}  batch {done}/{self.total_train_batches}  "
+            + self._format(metrics, ("train/loss_step",))
+        )
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        elapsed = time.perf_counter() - self._epoch_start
+        self._print(
+            f"epoch {trainer.current_epoch + 1} done in {elapsed:.1f}s  "
+            + self._format(metrics, ("train/acc", "val/loss", "val/acc", "val/acc_best", "train/images_per_sec"))
+        )
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        self._print("test  " + self._format(metrics, ("test/loss", "test/acc", "test/acc_top5")))

@@ -1,0 +1,200 @@
+"""Batch augmentation: every sample gets its own random draw, the whole batch is transformed at once.
+
+torchvision's transforms draw one set of random parameters per call, so per-sample randomness would
+need one call per image (the PIL-pipeline bottleneck). These functions draw per-sample parameters from a
+CPU generator (reproducible and independent of the device) and apply them with batched tensor ops on
+whatever device holds the batch, so a GPU run augments on the GPU without worker processes.
+
+Input is a uint8 batch ``(N, 3, H, W)``; output is a normalised float32 batch of the same shape.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# ITU-R BT.601 luma weights, as torchvision's rgb_to_grayscale uses.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, generator=gen) * (high - low) + low
+
+
+def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
+    """Zero-pad by ``padding`` and cut a crop of the original size at a per-sample random offset."""
+    if padding <= 0:
+        return x
+    n, c, h, w = x.shape
+    padded = F.pad(x, (padding, padding, padding, padding))
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=gen).to(x.device, non_blocking=True)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=gen).to(x.device, non_blocking=True)
+    rows = (dy[:, None] + torch.arange(h, device=x.device)).view(n, 1, h, 1).expand(n, c, h, w + 2 * padding)
+    cols = (dx[:, None] + torch.arange(w, device=x.device)).view(n, 1, 1, w).expand(n, c, h, w)
+    return padded.gather(2, rows).gather(3, cols)
+
+
+def random_hflip(x: torch.Tensor, gen: torch.Generator, p: float = 0.5) -> torch.Tensor:
+    """Mirror each sample left-right with probability ``p``."""
+    flip = (torch.rand(x.shape[0], generator=gen) < p).to(x.device, non_blocking=True)
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def random_resized_crop(
+    x: torch.Tensor,
+    gen: torch.Generator,
+    scale: tuple[float, float] = (0.1, 1.0),
+    ratio: tuple[float, float] = (0.5, 2.0),
+) -> torch.Tensor:
+    """Crop a per-sample random area fraction and aspect ratio and resize it back (bilinear).
+
+    The crop's sides are clamped to the image instead of re-drawing, as torchvision does after 10 tries.
+    """
+    n, _, h, w = x.shape
+    area = _uniform(n, *scale, gen)
+    log_ratio = _uniform(n, math.log(ratio[0]), math.log(ratio[1]), gen)
+    aspect = torch.exp(log_ratio)
+    sx = torch.sqrt(area * aspect).clamp(max=1.0)  # crop width as a fraction of the image width
+    sy = torch.sqrt(area / aspect).clamp(max=1.0)
+    cx = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sx)  # crop centre in [-1, 1] coordinates
+    cy = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sy)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, cx, sy, cy
+    theta = theta.to(device=x.device, dtype=x.dtype, non_blocking=True)
+    grid = F.affine_grid(theta, [n, x.shape[1], h, w], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _grayscale(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
+
+
+def _per_sample(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return values.to(device=x.device, dtype=x.dtype, non_blocking=True).view(-1, 1, 1, 1)
+
+
+def color_jitter(
+    x: torch.Tensor, gen: torch.Generator, brightness: float, contrast: float, saturation: float, hue: float
+) -> torch.Tensor:
+    """Per-sample brightness, contrast, saturation and hue jitter of a float batch in [0, 1].
+
+    Factors are drawn like torchvision's ColorJitter (``U(1-b, 1+b)``, hue ``U(-h, h)`` of a turn) and
+    applied in that fixed order. Hue is rotated in YIQ space, a per-sample-friendly stand-in for the HSV
+    rotation torchvision uses (same hue turn, slightly different saturation handling).
+    """
+    n = x.shape[0]
+    if brightness > 0:
+        x = (x * _per_sample(_uniform(n, 1 - brightness, 1 + brightness, gen), x)).clamp(0, 1)
+    if contrast > 0:
+        mean = _grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+        c = _per_sample(_uniform(n, 1 - contrast, 1 + contrast, gen), x)
+        x = (c * x + (1 - c) * mean).clamp(0, 1)
+    if saturation > 0:
+        s = _per_sample(_uniform(n, 1 - saturation, 1 + saturation, gen), x)
+        x = (s * x + (1 - s) * _grayscale(x)).clamp(0, 1)
+    if hue > 0:
+        angle = _uniform(n, -hue, hue, gen) * 2 * math.pi
+        to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+        rot = torch.zeros(n, 3, 3)
+        rot[:, 0, 0] = 1
+        rot[:, 1, 1], rot[:, 1, 2] = torch.cos(angle), -torch.sin(angle)
+        rot[:, 2, 1], rot[:, 2, 2] = torch.sin(angle), torch.cos(angle)
+        mix = (torch.linalg.inv(to_yiq) @ rot @ to_yiq).to(device=x.device, dtype=x.dtype, non_blocking=True)
+        x = torch.einsum("nij,njhw->nihw", mix, x).clamp(0, 1)
+    return x
+
+
+def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """Zero a ``size``×``size`` square at a per-sample random centre, clipped at the borders.
+
+    DeVries & Taylor 2017, "Improved Regularization of Convolutional Neural Networks with Cutout".
+    """
+    if size <= 0:
+        return x
+    n, _, h, w = x.shape
+    cy = torch.randint(0, h, (n, 1), generator=gen).to(x.device, non_blocking=True)
+    cx = torch.randint(0, w, (n, 1), generator=gen).to(x.device, non_blocking=True)
+    ys = torch.arange(h, device=x.device)[None, :]
+    xs = torch.arange(w, device=x.device)[None, :]
+    in_rows = (ys >= cy - size // 2) & (ys < cy - size // 2 + size)
+    in_cols = (xs >= cx - size // 2) & (xs < cx - size // 2 + size)
+    hole = in_rows[:, None, :, None] & in_cols[:, None, None, :]
+    return x.masked_fill(hole, 0.0)
+
+
+class Normalize(torch.nn.Module):
+    """uint8 ``(N, 3, H, W)`` in [0, 255] to float32, then per-channel ``(x - mean) / std``."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def to_unit(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 in [0, 255] to float32 in [0, 1]."""
+        return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Float in [0, 1] to normalised; buffers follow the batch's device."""
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Back to [0, 1] for display."""
+        return (x * self.std.to(x.device) + self.mean.to(x.device)).clamp(0, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.normalize(self.to_unit(x))
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Which augmentations run, in the order they are applied."""
+
+    random_resized_crop: bool = False
+    rrc_scale: tuple[float, float] = (0.1, 1.0)
+    rrc_ratio: tuple[float, float] = (0.5, 2.0)
+    crop_padding: int = 4
+    hflip: bool = True
+    color_jitter: tuple[float, float, float, float] | None = None  # brightness, contrast, saturation, hue
+    cutout: int = 0  # side of the zeroed square in pixels; 0 is off
+
+    def describe(self) -> str:
+        parts = []
+        if self.random_resized_crop:
+            parts.append(f"random resized crop (scale {self.rrc_scale}, ratio {self.rrc_ratio})")
+        if self.crop_padding:
+            parts.append(f"random crop with {self.crop_padding}-pixel padding")
+        if self.hflip:
+            parts.append("horizontal flip")
+        if self.color_jitter:
+            parts.append("colour jitter (b, c, s, h) = {}".format(self.color_jitter))
+        if self.cutout:
+            parts.append(f"cutout {self.cutout}x{self.cutout}")
+        return ", ".join(parts) or "none"
+
+
+class BatchAugment(torch.nn.Module):
+    """The training transform: per-sample random augmentation of a uint8 batch, then normalisation."""
+
+    def __init__(self, config: AugmentConfig, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.config = config
+        self.norm = Normalize(mean, std)
+
+    def forward(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        cfg = self.config
+        x = self.norm.to_unit(x)
+        if cfg.random_resized_crop:
+            x = random_resized_crop(x, gen, cfg.rrc_scale, cfg.rrc_ratio)
+        x = random_crop(x, cfg.crop_padding, gen)
+        if cfg.hflip:
+            x = random_hflip(x, gen)
+        if cfg.color_jitter:
+            x = color_jitter(x, gen, *cfg.color_jitter)
+        x = self.norm.normalize(x)
+        return cutout(x, cfg.cutout, gen)

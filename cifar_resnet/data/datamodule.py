@@ -1,0 +1,229 @@
+"""The LightningDataModule: uint8 tensors in memory, seeded samplers, augmentation after device transfer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.datasets.folder import find_classes
+
+from cifar_resnet.data.augment import AugmentConfig, BatchAugment, Normalize
+from cifar_resnet.data.sources import (
+    ImageSplit,
+    default_cache_dir,
+    detect_source,
+    download_cifar10,
+    load_cifar10,
+    load_image_folder,
+)
+from cifar_resnet.data.split import stratified_split
+from cifar_resnet.errors import UserError
+
+# Per-channel mean and std of the 50,000 CIFAR-10 training images (the values the field uses).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+class TensorImageDataset(Dataset):
+    """Index into in-memory uint8 images; ``__getitems__`` returns a whole batch in one indexing op."""
+
+    def __init__(self, split: ImageSplit) -> None:
+        self.images = split.images
+        self.labels = split.labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        return self.images[idx], self.labels[idx]
+
+
+def keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collate for :class:`TensorImageDataset`: its ``__getitems__`` already returns a batch."""
+    return batch
+
+
+class CIFARDataModule(L.LightningDataModule):
+    """CIFAR-10 from torchvision's files or an image folder, with a stratified validation hold-out.
+
+    ``data_dir/train/<class>/*`` (and optional ``data_dir/test/<class>/*``) selects the image-folder
+    source; anything else is torchvision's CIFAR-10 in ``data_dir``, downloaded in ``prepare_data``.
+    ``val_size`` images of the training set, stratified by class and fixed by ``seed``, validate;
+    ``val_size=0`` validates on the test split instead. Batches leave the loader as uint8 and are
+    augmented (training) or normalised (evaluation) after they reach their device.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "./data",
+        batch_size: int = 128,
+        eval_batch_size: int = 1024,
+        val_size: int = 5000,
+        num_workers: int = 0,
+        data_seed: int = 0,
+        crop_padding: int = 4,
+        hflip: bool = True,
+        color_jitter: tuple[float, float, float, float] | None = None,
+        random_resized_crop: bool = False,
+        cutout: int = 0,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or eval_batch_size < 1:
+            raise UserError(f"batch sizes must be positive, got {batch_size} and {eval_batch_size}")
+        if val_size < 0:
+            raise UserError(f"--val_size must be 0 or more, got {val_size}")
+        self.save_hyperparameters(ignore=["cache_dir"])
+        self.data_dir = Path(data_dir)
+        self.source = detect_source(data_dir)
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.augment_config = AugmentConfig(
+            random_resized_crop=random_resized_crop,
+            crop_padding=crop_padding,
+            hflip=hflip,
+            color_jitter=tuple(color_jitter) if color_jitter else None,
+            cutout=cutout,
+        )
+        self.train_augment = BatchAugment(self.augment_config, CIFAR10_MEAN, CIFAR10_STD)
+        self.normalize = Normalize(CIFAR10_MEAN, CIFAR10_STD)
+        self.train_split: ImageSplit | None = None
+        self.val_split: ImageSplit | None = None
+        self.test_split: ImageSplit | None = None
+        self._aug_gen = torch.Generator()
+        self._aug_epoch: int | None = None
+
+    # ------------------------------------------------------------------ data
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes, known without decoding any image."""
+        if self.source == "cifar10":
+            return 10
+        return len(find_classes(str(self.data_dir / "train"))[0])
+
+    @property
+    def has_test_split(self) -> bool:
+        return self.source == "cifar10" or (self.data_dir / "test").is_dir()
+
+    def prepare_data(self) -> None:
+        """Download CIFAR-10, or decode an image folder into the cache; once per node."""
+        if self.source == "cifar10":
+            download_cifar10(self.data_dir)
+        else:
+            for split in ("train", "test"):
+                if (self.data_dir / split).is_dir():
+                    load_image_folder(self.data_dir / split, self.cache_dir)
+
+    def _load(self, train: bool) -> ImageSplit:
+        if self.source == "cifar10":
+            return load_cifar10(self.data_dir, train=train)
+        return load_image_folder(self.data_dir / ("train" if train else "test"), self.cache_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the splits (idempotent: a second call keeps what is loaded)."""
+        if self.train_split is not None:
+            return
+        full_train = self._load(train=True)
+        self.test_split = self._load(train=False) if self.has_test_split else None
+        if self.test_split is not None and self.test_split.classes != full_train.classes:
+            raise UserError(
+                f"test classes {self.test_split.classes} differ from train classes {full_train.classes}"
+            )
+        val_size = self.hparams.val_size
+        if val_size == 0:
+            if self.test_split is None:
+                raise UserError(f"--val_size 0 validates on the test split, but {self.data_dir}/test is missing")
+            self.train_split, self.val_split = full_train, self.test_split
+            return
+        if val_size >= len(full_train):
+            raise UserError(f"--val_size {val_size} leaves no training images (the training set has {len(full_train)})")
+        train_idx, val_idx = stratified_split(full_train.labels, val_size, self.hparams.data_seed)
+        self.train_split, self.val_split = full_train.subset(train_idx), full_train.subset(val_idx)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        assert self.train_split is not None, "call setup() first"
+        return self.train_split.classes
+
+    # ------------------------------------------------------------------ loaders
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _loader(self, split: ImageSplit | None, train: bool) -> DataLoader:
+        if split is None:
+            raise UserError(f"no test split: add {self.data_dir}/test/<class>/* or use torchvision's CIFAR-10")
+        world, rank = self._world()
+        dataset = TensorImageDataset(split)
+        # Training order comes from (seed, epoch) through DistributedSampler.set_epoch, which Lightning
+        # calls every epoch; one process is simply a world of one. Evaluation splits are not padded, so
+        # every image counts exactly once however many processes share the work.
+        sampler = (
+            DistributedSampler(dataset, world, rank, shuffle=True, seed=self.hparams.data_seed, drop_last=True)
+            if train
+            else UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+        )
+        workers = self.hparams.num_workers
+        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size if train else self.hparams.eval_batch_size,
+            sampler=sampler,
+            drop_last=train,
+            num_workers=workers,
+            collate_fn=keep_batch,
+            pin_memory=on_gpu,
+            persistent_workers=workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_split, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_split, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_split, train=False)
+
+    # ------------------------------------------------------------------ augmentation
+
+    def augmentation_generator(self, epoch: int, rank: int = 0) -> torch.Generator:
+        """The augmentation RNG of one epoch and process, derived from (seed, epoch, rank) alone."""
+        seed = (self.hparams.data_seed * 1_000_003 + epoch) * 4099 + rank
+        return torch.Generator().manual_seed(seed % (2**63))
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        images, labels = batch
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            if self._aug_epoch != trainer.current_epoch:
+                self._aug_gen = self.augmentation_generator(trainer.current_epoch, trainer.global_rank)
+                self._aug_epoch = trainer.current_epoch
+            return self.train_augment(images, self._aug_gen), labels
+        return self.normalize(images), labels
+
+    def augmented_preview(self, count: int = 64, seed: int = 0) -> torch.Tensor:
+        """The first ``count`` training images augmented as in training, in [0, 1] for display."""
+        assert self.train_split is not None, "call setup() first"
+        images = self.train_split.images[:count]
+        gen = torch.Generator().manual_seed(seed)
+        return self.normalize.denormalize(self.train_augment(images, gen))
+
+    def describe(self) -> str:
+        """One line naming the source, the split sizes and the augmentation."""
+        parts = [f"source={self.source} ({self.data_dir})"]
+        for name in ("train", "val", "test"):
+            split = getattr(self, f"{name}_split")
+            parts.append(f"{name}={len(split) if split is not None else 'none'}")
+        parts.append(f"augment: {self.augment_config.describe()}")
+        return ", ".join(parts)
+

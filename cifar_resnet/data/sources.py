@@ -1,0 +1,228 @@
+"""Where images come from: torchvision's CIFAR-10 files or an image-folder tree, decoded once to uint8.
+
+Both sources end as an :class:`ImageSplit`: a ``(N, 3, 32, 32)`` uint8 tensor and ``(N,)`` int64 labels.
+Decoding 50,000 JPEGs takes seconds, so image-folder splits are cached as one tensor file keyed by the
+file list (paths, sizes, modification times); a second run loads the cache instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.datasets import CIFAR10, ImageFolder
+from torchvision.transforms.v2 import functional as TF
+
+from cifar_resnet.errors import UserError
+
+IMAGE_SIZE = 32
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+SourceKind = Literal["imagefolder", "cifar10"]
+_CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ImageSplit:
+    """One split of a dataset, fully decoded: uint8 images ``(N, 3, 32, 32)`` and int64 labels ``(N,)``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
+            raise ValueError(f"images must be uint8 (N, 3, H, W), got {self.images.dtype} {self.images.shape}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError("labels must have one entry per image")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, indices: torch.Tensor) -> ImageSplit:
+        """The images at ``indices`` (a copy), with the same class names."""
+        return ImageSplit(self.images[indices].contiguous(), self.labels[indices].contiguous(), self.classes)
+
+
+def default_cache_dir() -> Path:
+    """``$CIFAR_RESNET_CACHE``, else ``$XDG_CACHE_HOME/cifar_resnet``, else ``~/.cache/cifar_resnet``."""
+    if "CIFAR_RESNET_CACHE" in os.environ:
+        return Path(os.environ["CIFAR_RESNET_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "cifar_resnet"
+
+
+def detect_source(data_dir: str | os.PathLike[str]) -> SourceKind:
+    """``"imagefolder"`` when ``data_dir/train`` exists, else ``"cifar10"`` (torchvision's files)."""
+    return "imagefolder" if (Path(data_dir) / "train").is_dir() else "cifar10"
+
+
+# --------------------------------------------------------------------------------------------------
+# torchvision CIFAR-10
+
+
+class _CIFAR10AnyFiles(CIFAR10):
+    """torchvision's CIFAR10 reader without the MD5 check on load.
+
+    torchvision verifies MD5 sums when it downloads; on load we accept any files in the same pickled
+    format (a re-packed subset, or files a test generated), and report unreadable ones clearly instead.
+    """
+
+    train_list = [[name, None] for name, _ in CIFAR10.train_list]  # noqa: RUF012
+    test_list = [[name, None] for name, _ in CIFAR10.test_list]  # noqa: RUF012
+    meta = {**CIFAR10.meta, "md5": None}  # noqa: RUF012
+
+
+def cifar10_files_present(root: str | os.PathLike[str]) -> bool:
+    """True when every CIFAR-10 batch file torchvision expects is under ``root``."""
+    base = Path(root) / CIFAR10.base_folder
+    names = [n for n, _ in CIFAR10.train_list + CIFAR10.test_list] + [CIFAR10.meta["filename"]]
+    return all((base / n).is_file() for n in names)
+
+
+def download_cifar10(root: str | os.PathLike[str]) -> None:
+    """Download CIFAR-10 with torchvision (MD5-checked) unless its files are already there."""
+    if cifar10_files_present(root):
+        return
+    try:
+        CIFAR10(str(root), train=True, download=True)
+    except Exception as err:  # network errors come in many types; all mean the same to the user
+        raise UserError(
+            f"could not download CIFAR-10 into {root} ({err}); download it elsewhere and copy "
+            f"'{CIFAR10.base_folder}' there, or pass --data_dir DIR with DIR/train/<class>/*.png"
+        ) from err
+
+
+def load_cifar10(root: str | os.PathLike[str], train: bool) -> ImageSplit:
+    """Read torchvision's CIFAR-10 batch files under ``root`` into an :class:`ImageSplit`."""
+    if not cifar10_files_present(root):
+        raise UserError(
+            f"no CIFAR-10 files in {Path(root) / CIFAR10.base_folder}; let the run download them "
+            "(internet needed) or pass --data_dir DIR with DIR/train/<class>/*.png"
+        )
+    try:
+        ds = _CIFAR10AnyFiles(str(root), train=train, download=False)
+        data = np.asarray(ds.data, dtype=np.uint8)
+        labels = torch.as_tensor(ds.targets, dtype=torch.int64)
+    except Exception as err:  # pickle raises several types on truncated or foreign files
+        raise UserError(
+            f"CIFAR-10 files in {Path(root) / CIFAR10.base_folder} are unreadable ({type(err).__name__}: "
+            f"{err}); delete that folder and download again"
+        ) from err
+    if data.ndim != 4 or data.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3) or len(data) != len(labels):
+        raise UserError(f"CIFAR-10 files in {root} have an unexpected shape {data.shape}; download them again")
+    images = torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
+    return ImageSplit(images, labels, tuple(ds.classes))
+
+
+# --------------------------------------------------------------------------------------------------
+# Image folders
+
+
+def _list_image_folder(split_dir: Path) -> tuple[list[tuple[str, int]], list[str]]:
+    """Files and class names of ``split_dir/<class>/*`` via torchvision's ImageFolder rules."""
+    if not split_dir.is_dir():
+        raise UserError(f"{split_dir} is not a directory; expected {split_dir}/<class>/<image>.png|jpg")
+    try:
+        folder = ImageFolder(str(split_dir))
+    except (FileNotFoundError, RuntimeError) as err:
+        raise UserError(
+            f"{split_dir} does not hold an image-folder layout ({err}); expected {split_dir}/<class>/<image>.png|jpg"
+        ) from err
+    return folder.samples, folder.classes
+
+
+def _cache_key(split_dir: Path, samples: list[tuple[str, int]], classes: list[str]) -> str:
+    digest = hashlib.sha256(f"format={_CACHE_FORMAT};classes={','.join(classes)}\n".encode())
+    for path, label in samples:
+        st = os.stat(path)
+        rel = os.path.relpath(path, split_dir)
+        digest.update(f"{rel}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+def _decode_one(path: str) -> torch.Tensor:
+    """One image file to uint8 (3, H, W) RGB."""
+    try:
+        with Image.open(path) as img:
+            pixels = np.asarray(img.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's ways of saying "not an image I can read"
+        raise UserError(f"cannot decode image {path} ({err}); remove or replace that file") from err
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+
+
+def _decode_files(paths: list[str]) -> list[torch.Tensor]:
+    """Decode images in threads (PIL releases the GIL while it decodes)."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(_decode_one, paths, chunksize=256))
+
+
+def _to_cifar_size(images: list[torch.Tensor], paths: list[str]) -> torch.Tensor:
+    resized = [i for i, img in enumerate(images) if img.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE)]
+    for i in resized:
+        images[i] = TF.resize(images[i], [IMAGE_SIZE, IMAGE_SIZE], antialias=True)
+    if resized:
+        warnings.warn(
+            f"{len(resized)} of {len(paths)} images are not {IMAGE_SIZE}x{IMAGE_SIZE} and were resized "
+            f"(first: {paths[resized[0]]})",
+            stacklevel=3,
+        )
+    return torch.stack(images)
+
+
+def _atomic_save(obj: object, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a cache is as readable as the data it came from
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_image_folder(split_dir: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None) -> ImageSplit:
+    """Decode ``split_dir/<class>/*`` into an :class:`ImageSplit`, through a cache when ``cache_dir`` is set."""
+    split_dir = Path(split_dir)
+    samples, classes = _list_image_folder(split_dir)
+    cache_file = None
+    if cache_dir is not None:
+        cache_file = Path(cache_dir) / f"imagefolder-{split_dir.name}-{_cache_key(split_dir, samples, classes)}.pt"
+        if cache_file.is_file():
+            try:
+                cached = torch.load(cache_file, map_location="cpu", weights_only=True)
+                return ImageSplit(cached["images"], cached["labels"], tuple(cached["classes"]))
+            except Exception:  # a damaged cache is only a lost shortcut: decode again and rewrite it
+                cache_file.unlink(missing_ok=True)
+    paths = [p for p, _ in samples]
+    images = _to_cifar_size(_decode_files(paths), paths)
+    split = ImageSplit(images, torch.tensor([label for _, label in samples], dtype=torch.int64), tuple(classes))
+    if cache_file is not None:
+        try:
+            _atomic_save({"images": split.images, "labels": split.labels, "classes": list(classes)}, cache_file)
+        except OSError as err:
+            warnings.warn(f"could not write the decoded-image cache {cache_file}: {err}", stacklevel=2)
+    return split

@@ -1,0 +1,150 @@
+"""The one place that builds a Lightning Trainer: precision, callbacks, logger, checkpointing."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from cifar_resnet.callbacks import AugmentationPreview, EpochThroughput, LineProgress, SaveRunArguments
+from cifar_resnet.errors import UserError
+from cifar_resnet.runs import RunLocation
+
+BEST_CHECKPOINT_PATTERN = "best-epoch{epoch:03d}-val_acc{val/acc:.4f}"
+
+
+def uses_cuda(accelerator: str) -> bool:
+    """Whether Lightning will place the run on a CUDA GPU for this ``--accelerator`` value."""
+    return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """``auto``: bf16-mixed on GPUs that have bf16, 16-mixed on older CUDA GPUs, 32-true on the CPU."""
+    if precision != "auto":
+        return precision
+    if uses_cuda(accelerator):
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+@dataclass
+class TrainerSettings:
+    """What the Trainer needs from the command line."""
+
+    arch: str
+    max_epochs: int
+    log_dir: str = "lightning_logs"
+    accelerator: str = "auto"
+    devices: str = "auto"
+    strategy: str = "auto"
+    precision: str = "auto"
+    deterministic: bool = False
+    limit_train_batches: float | None = None
+    limit_val_batches: float | None = None
+    fast_dev_run: bool = False
+    progress: str = "auto"  # auto | bar | lines | none
+    log_every_n_steps: int = 50
+    resume_location: RunLocation | None = None
+    run_arguments: dict[str, Any] = field(default_factory=dict)
+
+
+def _progress_callback(kind: str) -> Callback | None:
+    if kind == "auto":
+        kind = "bar" if sys.stdout.isatty() else "lines"
+    if kind == "bar":
+        # Reading logged values for the bar synchronises the device; refresh every 20 batches, not each.
+        return TQDMProgressBar(refresh_rate=20)
+    if kind == "lines":
+        return LineProgress(every=50)
+    return None
+
+
+def _parse_devices(devices: str) -> int | str | list[int]:
+    if devices == "auto":
+        return devices
+    if "," in devices:
+        return [int(d) for d in devices.split(",") if d.strip()]
+    try:
+        return int(devices)
+    except ValueError as err:
+        raise UserError(f"--devices must be 'auto', a count or a comma list of ids, got {devices!r}") from err
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """The checkpoint callbacks of a run: the best on ``val/acc`` and ``last.ckpt`` after every epoch."""
+
+    best: ModelCheckpoint
+    last: ModelCheckpoint
+
+
+def build_trainer(settings: TrainerSettings) -> tuple[L.Trainer, Checkpoints]:
+    """A Trainer writing TensorBoard logs and checkpoints to ``log_dir/<arch>/version_N``.
+
+    Resuming from a checkpoint inside such a folder reuses that folder, so curves continue in place.
+    """
+    location = settings.resume_location
+    logger = TensorBoardLogger(
+        save_dir=str(location.save_dir) if location else settings.log_dir,
+        name=location.name if location else settings.arch,
+        version=location.version if location else None,
+        default_hp_metric=False,
+    )
+    checkpoints = Checkpoints(
+        best=ModelCheckpoint(
+            filename=BEST_CHECKPOINT_PATTERN, monitor="val/acc", mode="max", save_top_k=1, auto_insert_metric_name=False
+        ),
+        # Since Lightning 2.6, save_last=True writes last.ckpt only when a top-k checkpoint is saved in the
+        # same step, so an epoch that does not improve would leave last.ckpt stale. A second, unmonitored
+        # callback rewrites last.ckpt after every epoch.
+        last=ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False),
+    )
+    callbacks: list[Callback] = [
+        checkpoints.best,
+        checkpoints.last,
+        LearningRateMonitor(logging_interval="step"),
+        EpochThroughput(),
+        AugmentationPreview(),
+        SaveRunArguments(settings.run_arguments),
+    ]
+    progress = _progress_callback(settings.progress)
+    if progress is not None:
+        callbacks.append(progress)
+    precision = resolve_precision(settings.precision, settings.accelerator)
+    if uses_cuda(settings.accelerator):
+        torch.backends.cudnn.benchmark = not settings.deterministic
+        torch.set_float32_matmul_precision("high")
+    optional: dict[str, Any] = {}
+    if settings.limit_train_batches is not None:
+        optional["limit_train_batches"] = settings.limit_train_batches
+    if settings.limit_val_batches is not None:
+        optional["limit_val_batches"] = settings.limit_val_batches
+    trainer = L.Trainer(
+        accelerator=settings.accelerator,
+        devices=_parse_devices(settings.devices),
+        strategy=settings.strategy,
+        precision=precision,
+        max_epochs=settings.max_epochs,
+        logger=logger,
+        callbacks=callbacks,
+        deterministic=settings.deterministic,
+        fast_dev_run=settings.fast_dev_run,
+        enable_progress_bar=progress is not None,
+        log_every_n_steps=settings.log_every_n_steps,
+        # The DataModule builds its own seeded samplers for every process count.
+        use_distributed_sampler=False,
+        enable_model_summary=False,
+        **optional,
+    )
+    return trainer, checkpoints
+
+
+def run_dir(trainer: L.Trainer) -> Path | None:
+    """The folder this trainer's logger writes to."""
+    return Path(trainer.logger.log_dir) if trainer.logger is not None and trainer.logger.log_dir else None

@@ -1,0 +1,8 @@
+"""Train a ResNet on CIFAR-10: ``python scripts/fit.py --arch resnet50 --max_epochs 200``."""
+
+import sys
+
+from cifar_resnet.cli import fit_main
+
+if __name__ == "__main__":
+    sys.exit(fit_main())

@@ -1,0 +1,78 @@
+"""Shared fixtures: CPU only, outputs under tmp_path, generated image folders, a real CIFAR-10 subset."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_CIFAR = REPO_ROOT.parent / "shared" / "cifar10-jpeg"
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test on the CPU, with its own decode cache, and two intra-op threads (the machine's cores)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setenv("CIFAR_RESNET_CACHE", str(tmp_path / "cache"))
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def class_colour(label: int, classes: int) -> tuple[int, int, int]:
+    """A distinct base colour per class, so tiny generated data sets are learnable."""
+    hue = label / classes
+    return tuple(int(255 * (0.5 + 0.45 * np.sin(2 * np.pi * (hue + k / 3)))) for k in range(3))
+
+
+def make_image_folder(
+    root: Path,
+    classes: int = 3,
+    per_class: dict[str, int] | None = None,
+    size: int = 32,
+    ext: str = "png",
+    seed: int = 0,
+) -> Path:
+    """Write ``root/<split>/class_<k>/<i>.<ext>`` with class-coloured noisy images; returns ``root``."""
+    per_class = per_class or {"train": 12, "test": 5}
+    rng = np.random.default_rng(seed)
+    for split, count in per_class.items():
+        for label in range(classes):
+            folder = root / split / f"class_{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            base = np.array(class_colour(label, classes), dtype=np.float64)
+            for i in range(count):
+                noise = rng.normal(0, 40, size=(size, size, 3))
+                pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i:04d}.{ext}")
+    return root
+
+
+@pytest.fixture
+def tiny_folder(tmp_path: Path) -> Path:
+    """3 classes, 12 training and 5 test images each, 32x32 PNG."""
+    return make_image_folder(tmp_path / "tiny")
+
+
+def real_cifar_subset(root: Path, per_class: int, seed: int) -> Path:
+    """Symlink a seeded subset of the shared CIFAR-10 JPEGs into ``root/train/<class>/``.
+
+    Fails (never skips) under CI when the shared data is missing.
+    """
+    if not SHARED_CIFAR.is_dir():
+        message = f"real-data test needs {SHARED_CIFAR}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    rng = random.Random(seed)
+    for class_dir in sorted(p for p in (SHARED_CIFAR / "train").iterdir() if p.is_dir()):
+        files = sorted(class_dir.iterdir())
+        target = root / "train" / class_dir.name
+        target.mkdir(parents=True, exist_ok=True)
+        for src in rng.sample(files, per_class):
+            (target / src.name).symlink_to(src)
+    return root

@@ -1,0 +1,178 @@
+"""End-to-end fits on generated image folders: train, validate, test, log, checkpoint and resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cifar_resnet import cli
+from cifar_resnet.cli import build_parser, run_fit
+from tests.conftest import REPO_ROOT
+
+
+def fit_args(data: Path, logs: Path, *extra: str) -> list[str]:
+    return [
+        "--arch", "resnet20", "--data_dir", str(data), "--log_dir", str(logs), "--val_size", "6",
+        "--batch_size", "8", "--eval_batch_size", "16", "--progress", "none", "--lr", "0.05",
+        "--log_every_n_steps", "1", *extra,
+    ]  # fmt: skip
+
+
+def fit(*argv: str) -> dict:
+    return run_fit(build_parser().parse_args(list(argv)))
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of a run folder (all event files, resumed runs included), deduplicated by step."""
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags()["scalars"]:
+        by_step = {e.step: e.value for e in acc.Scalars(tag)}
+        out[tag] = sorted(by_step.items())
+    return out
+
+
+def test_full_fit_validate_and_test_on_an_image_folder(tiny_folder: Path, tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    result = fit(*fit_args(tiny_folder, logs, "--max_epochs", "2"))
+    run_dir = logs / "resnet20" / "version_0"
+    assert result["run_dir"] == str(run_dir)
+    assert 0.0 <= result["best_val_acc"] <= 1.0 and result["best_epoch"] in (0, 1)
+    assert 0.0 <= result["test_acc"] <= 1.0
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (
+        Path(result["best_checkpoint"]).is_file()
+        and Path(result["best_checkpoint"]).parent == run_dir / "checkpoints"
+    )
+    saved = json.loads((run_dir / "args.json").read_text())
+    assert saved["arch"] == "resnet20" and saved["max_epochs"] == 2 and saved["batch_size"] == 8
+
+    # The checkpoint loads with weights_only=True: plain hyperparameters, no pickled objects.
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["arch"] == "resnet20" and ckpt["epoch"] == 1
+
+
+def test_tensorboard_holds_the_scalars_and_the_augmentation_grid(tiny_folder: Path, tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    fit(*fit_args(tiny_folder, logs, "--max_epochs", "2"))
+    run_dir = logs / "resnet20" / "version_0"
+    series = scalars(run_dir)
+    for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "train/lr",
+                "train/images_per_sec", "val/acc_top5", "test/acc"):  # fmt: skip
+        assert tag in series, f"{tag} missing from {sorted(series)}"
+    assert len(series["val/acc"]) == 2 and len(series["train/lr"]) == 6  # 30 train images / 8 = 3 steps x 2
+    assert all(rate > 0 for _, rate in series["train/images_per_sec"])
+    acc = EventAccumulator(str(run_dir), size_guidance={"images": 0})
+    acc.Reload()
+    assert "train/augmented_samples" in acc.Tags()["images"]
+    image = acc.Images("train/augmented_samples")[0]
+    assert image.width > 100 and image.height > 50
+
+
+def test_lr_follows_the_cosine_over_the_whole_run(tiny_folder: Path, tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    fit(*fit_args(tiny_folder, logs, "--max_epochs", "3", "--lr", "0.1", "--no_test"))
+    lrs = [v for _, v in scalars(logs / "resnet20" / "version_0")["train/lr"]]
+    total = 9  # 3 steps an epoch
+    expected = [0.05 * (1 + torch.cos(torch.tensor(torch.pi * s / total))).item() for s in range(total)]
+    assert lrs == pytest.approx(expected, rel=1e-5)
+
+
+def test_warmup_rises_linearly_then_decays(tiny_folder: Path, tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    fit(*fit_args(tiny_folder, logs, "--max_epochs", "3", "--warmup_epochs", "1", "--no_test"))
+    lrs = [v for _, v in scalars(logs / "resnet20" / "version_0")["train/lr"]]
+    assert lrs[:3] == pytest.approx([0.05 / 3, 0.1 / 3, 0.05], rel=1e-5)
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:], strict=False)) and lrs[-1] < 0.01
+
+
+class _StopAfter(L.Callback):
+    """Ends training after ``epochs`` epochs, as an interruption at an epoch boundary would."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
+def test_resume_continues_the_same_run_with_the_same_lr_curve_and_best(
+    tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    common = ("--max_epochs", "4", "--no_test", "--seed", "3")
+    whole_logs, split_logs = tmp_path / "whole", tmp_path / "split"
+    fit(*fit_args(tiny_folder, whole_logs, *common))
+
+    build = cli.build_trainer
+
+    def interrupted(settings):  # the first run stops after 2 of its 4 epochs
+        trainer, checkpoint = build(settings)
+        trainer.callbacks.append(_StopAfter(2))
+        return trainer, checkpoint
+
+    monkeypatch.setattr(cli, "build_trainer", interrupted)
+    fit(*fit_args(tiny_folder, split_logs, *common))
+    monkeypatch.setattr(cli, "build_trainer", build)
+    run_dir = split_logs / "resnet20" / "version_0"
+    first_best = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
+    result = fit(*fit_args(tiny_folder, split_logs, *common, "--ckpt_path", "last"))
+
+    assert sorted(p.name for p in (split_logs / "resnet20").iterdir()) == ["version_0"], "no new version"
+    assert (run_dir / "args.json").is_file() and (run_dir / "args.resume1.json").is_file()
+    whole, split = scalars(whole_logs / "resnet20" / "version_0"), scalars(run_dir)
+    assert [s for s, _ in split["train/lr"]] == [s for s, _ in whole["train/lr"]]
+    assert [v for _, v in split["train/lr"]] == pytest.approx([v for _, v in whole["train/lr"]], rel=1e-6)
+    assert [s for s, _ in split["val/acc"]] == [s for s, _ in whole["val/acc"]], (
+        "epochs continue, none repeat"
+    )
+
+    val_accs = [v for _, v in split["val/acc"]]
+    assert result["best_val_acc"] == pytest.approx(max(val_accs))
+    assert [v for _, v in split["val/acc_best"]][-1] == pytest.approx(max(val_accs))
+    earlier_best = next(
+        v["best_model_score"] for k, v in first_best.items() if k.startswith("ModelCheckpoint")
+    )
+    assert result["best_val_acc"] >= float(earlier_best), "a resumed run never keeps a worse best"
+    assert len(list((run_dir / "checkpoints").glob("best-*.ckpt"))) == 1
+
+
+def test_ckpt_path_last_without_a_checkpoint_fails_clearly(tiny_folder: Path, tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "fit.py"), *fit_args(tiny_folder, logs), "--ckpt_path", "last"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [f"fit.py: error: --ckpt_path last: no last.ckpt under {logs}/resnet20/version_*/checkpoints/; "
+                     "start a new run without --ckpt_path, or pass the checkpoint's path"]  # fmt: skip
+    assert not (logs / "resnet20").exists(), "nothing trained, nothing written"
+
+
+def test_resume_with_another_arch_is_refused(tiny_folder: Path, tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    fit(*fit_args(tiny_folder, logs, "--max_epochs", "1", "--no_test"))
+    ckpt = logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt"
+    args = fit_args(tiny_folder, logs, "--ckpt_path", str(ckpt))
+    args[args.index("resnet20")] = "resnet32"
+    with pytest.raises(cli.UserError, match="trained with --arch resnet20"):
+        fit(*args)
+
+
+def test_val_size_zero_validates_on_the_test_split(tiny_folder: Path, tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    args = fit_args(tiny_folder, logs, "--max_epochs", "1")
+    args[args.index("--val_size") + 1] = "0"
+    result = fit(*args)
+    assert result["test_selected_on_test"] is True
+    assert result["test_acc"] == pytest.approx(result["best_val_acc"])

@@ -1,0 +1,147 @@
+"""Data sources: image folders (decoded once, cached) and torchvision's CIFAR-10 files on disk."""
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cifar_resnet.data import CIFARDataModule, detect_source
+from cifar_resnet.data import sources
+from cifar_resnet.data.sources import CIFAR10_CLASSES, load_cifar10, load_image_folder
+from cifar_resnet.errors import UserError
+from tests.conftest import make_image_folder
+
+
+def write_cifar10_batches(root: Path, train_per_batch: int = 6, test_count: int = 7, seed: int = 0) -> Path:
+    """Write the five training batches, the test batch and the meta file in CIFAR-10's pickled format."""
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+
+    def dump(name: str, count: int) -> None:
+        entry = {
+            "data": rng.integers(0, 256, size=(count, 3 * 32 * 32), dtype=np.uint8),
+            "labels": [int(v) for v in rng.integers(0, 10, size=count)],
+        }
+        with open(base / name, "wb") as f:
+            pickle.dump(entry, f)
+
+    for k in range(1, 6):
+        dump(f"data_batch_{k}", train_per_batch)
+    dump("test_batch", test_count)
+    with open(base / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": list(CIFAR10_CLASSES)}, f)
+    return root
+
+
+def test_image_folder_decodes_exactly_what_pil_reads(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "d", classes=2, per_class={"train": 3})
+    split = load_image_folder(root / "train", cache_dir=None)
+    assert split.images.shape == (6, 3, 32, 32) and split.images.dtype == torch.uint8
+    assert split.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert split.classes == ("class_0", "class_1")
+    first = np.array(Image.open(root / "train" / "class_0" / "0000.png").convert("RGB"))
+    assert torch.equal(split.images[0], torch.from_numpy(first).permute(2, 0, 1))
+
+
+def test_jpeg_decode_matches_pil(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "d", classes=2, per_class={"train": 4}, ext="jpg")
+    split = load_image_folder(root / "train", cache_dir=None)
+    single = torch.from_numpy(np.array(Image.open(root / "train" / "class_1" / "0002.jpg"))).permute(2, 0, 1)
+    assert torch.equal(split.images[6], single)
+
+
+def test_second_load_comes_from_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_image_folder(tmp_path / "d", classes=2, per_class={"train": 3})
+    cache = tmp_path / "cache"
+    first = load_image_folder(root / "train", cache)
+    assert len(list(cache.glob("imagefolder-train-*.pt"))) == 1
+
+    def no_decoding(paths: list[str]) -> list[torch.Tensor]:
+        raise AssertionError("decoded again despite a valid cache")
+
+    monkeypatch.setattr(sources, "_decode_files", no_decoding)
+    second = load_image_folder(root / "train", cache)
+    assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
+
+
+def test_changed_files_invalidate_the_cache(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "d", classes=2, per_class={"train": 3})
+    cache = tmp_path / "cache"
+    load_image_folder(root / "train", cache)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / "train" / "class_1" / "9999.png")
+    assert len(load_image_folder(root / "train", cache)) == 7
+    assert len(list(cache.glob("imagefolder-train-*.pt"))) == 2
+
+
+def test_damaged_cache_is_rebuilt(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "d", classes=2, per_class={"train": 3})
+    cache = tmp_path / "cache"
+    good = load_image_folder(root / "train", cache)
+    cache_file = next(cache.glob("*.pt"))
+    cache_file.write_bytes(b"not a tensor file")
+    assert torch.equal(load_image_folder(root / "train", cache).images, good.images)
+
+
+def test_images_of_other_sizes_are_resized_with_a_warning(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "d", classes=2, per_class={"train": 2}, size=48)
+    with pytest.warns(UserWarning, match="resized"):
+        split = load_image_folder(root / "train", cache_dir=None)
+    assert split.images.shape == (4, 3, 32, 32)
+
+
+def test_corrupt_image_is_named_in_a_user_error(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "d", classes=2, per_class={"train": 2}, ext="jpg")
+    bad = root / "train" / "class_1" / "0001.jpg"
+    bad.write_bytes(b"\xff\xd8 definitely not a jpeg")
+    with pytest.raises(UserError, match="0001.jpg"):
+        load_image_folder(root / "train", cache_dir=None)
+
+
+def test_folder_without_classes_is_a_user_error(tmp_path: Path) -> None:
+    (tmp_path / "d" / "train").mkdir(parents=True)
+    with pytest.raises(UserError, match="image-folder layout"):
+        load_image_folder(tmp_path / "d" / "train", cache_dir=None)
+
+
+def test_source_is_detected_from_the_layout(tmp_path: Path) -> None:
+    assert detect_source(make_image_folder(tmp_path / "f", per_class={"train": 1})) == "imagefolder"
+    assert detect_source(tmp_path / "missing") == "cifar10"
+
+
+def test_torchvision_cifar10_files_are_read_in_their_on_disk_format(tmp_path: Path) -> None:
+    root = write_cifar10_batches(tmp_path / "data")
+    train = load_cifar10(root, train=True)
+    test = load_cifar10(root, train=False)
+    assert train.images.shape == (30, 3, 32, 32) and train.images.dtype == torch.uint8
+    assert len(test) == 7 and train.classes == CIFAR10_CLASSES
+    with open(root / "cifar-10-batches-py" / "data_batch_1", "rb") as f:
+        first = pickle.load(f)
+    expected = torch.from_numpy(first["data"][0].reshape(3, 32, 32))
+    assert torch.equal(train.images[0], expected), "row-major CHW pixels, as CIFAR-10 stores them"
+    assert train.labels[:6].tolist() == first["labels"]
+
+
+def test_datamodule_on_cifar10_files_splits_and_tests(tmp_path: Path) -> None:
+    root = write_cifar10_batches(tmp_path / "data", train_per_batch=20)
+    dm = CIFARDataModule(data_dir=str(root), val_size=20, batch_size=8)
+    dm.prepare_data()  # files present: no download attempted
+    dm.setup("fit")
+    assert dm.source == "cifar10" and dm.num_classes == 10
+    assert (len(dm.train_split), len(dm.val_split), len(dm.test_split)) == (80, 20, 7)
+
+
+def test_truncated_cifar_batch_is_a_user_error(tmp_path: Path) -> None:
+    root = write_cifar10_batches(tmp_path / "data")
+    batch = root / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:100])
+    with pytest.raises(UserError, match="unreadable"):
+        load_cifar10(root, train=True)
+
+
+def test_missing_cifar_files_without_network_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no CIFAR-10 files"):
+        load_cifar10(tmp_path / "empty", train=True)
