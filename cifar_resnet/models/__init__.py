@@ -1,0 +1,9 @@
+"""Model registry: ``create_model(arch, num_classes)`` and ``list_models()``.
+
+Importing this package registers every architecture. It depends on torch/torchvision only.
+"""
+
+from . import cifar_style, imagenet_style  # noqa: F401  (imports register the builders)
+from .registry import MODELS, ModelRegistry, create_model, list_models, register_model
+
+__all__ = ["MODELS", "ModelRegistry", "create_model", "list_models", "register_model"]
