@@ -70,8 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     model = p.add_argument_group("model and optimisation")
-    model.add_argument("--arch", default="resnet18", choices=list_models(), metavar="ARCH",
-                       help=f"architecture: {', '.join(list_models())}")
+    model.add_argument(
+        "--arch",
+        default="resnet18",
+        choices=list_models(),
+        metavar="ARCH",
+        help=f"architecture: {', '.join(list_models())}",
+    )
     model.add_argument("--max_epochs", type=_positive_int, default=200, help="epochs to train")
     model.add_argument("--batch_size", type=_positive_int, default=128, help="training batch size per process")
     model.add_argument("--eval_batch_size", type=_positive_int, default=1024, help="validation/test batch size")
@@ -79,52 +84,94 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--momentum", type=_non_negative_float, default=0.9, help="SGD momentum")
     model.add_argument("--weight_decay", type=_non_negative_float, default=5e-4, help="L2 weight decay")
     model.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
-    model.add_argument("--no_bn_bias_decay", action="store_true",
-                       help="exempt norm-layer weights and biases from weight decay")
+    model.add_argument(
+        "--no_bn_bias_decay", action="store_true", help="exempt norm-layer weights and biases from weight decay"
+    )
     model.add_argument("--label_smoothing", type=_non_negative_float, default=0.0, help="cross-entropy smoothing")
-    model.add_argument("--warmup_epochs", type=_non_negative_float, default=0.0,
-                       help="linear LR warm-up before the cosine decay")
+    model.add_argument(
+        "--warmup_epochs", type=_non_negative_float, default=0.0, help="linear LR warm-up before the cosine decay"
+    )
     model.add_argument("--zero_init_residual", action="store_true", help="zero the last BN of each residual branch")
 
     data = p.add_argument_group("data")
-    data.add_argument("--data_dir", default="./data",
-                      help="DIR/train/<class>/*.png|jpg (optional DIR/test/...) or torchvision's CIFAR-10 in DIR")
-    data.add_argument("--val_size", type=_non_negative_int, default=5000,
-                      help="training images held out for validation (stratified); 0 validates on the test split")
-    data.add_argument("--num_workers", type=_non_negative_int, default=0,
-                      help="DataLoader worker processes (batches come from memory; 0 is usually fastest)")
-    data.add_argument("--cache_dir", default=None,
-                      help="where decoded image folders are cached (default ~/.cache/cifar_resnet)")
+    data.add_argument(
+        "--data_dir",
+        default="./data",
+        help="DIR/train/<class>/*.png|jpg (optional DIR/test/...) or torchvision's CIFAR-10 in DIR",
+    )
+    data.add_argument(
+        "--val_size",
+        type=_non_negative_int,
+        default=5000,
+        help="training images held out for validation (stratified); 0 validates on the test split",
+    )
+    data.add_argument(
+        "--num_workers",
+        type=_non_negative_int,
+        default=0,
+        help="DataLoader worker processes (batches come from memory; 0 is usually fastest)",
+    )
+    data.add_argument(
+        "--cache_dir", default=None, help="where decoded image folders are cached (default ~/.cache/cifar_resnet)"
+    )
     data.add_argument("--crop_padding", type=_non_negative_int, default=4, help="random-crop padding; 0 is off")
     data.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flip")
-    data.add_argument("--color_jitter", type=_non_negative_float, nargs=4, default=None,
-                      metavar=("B", "C", "S", "H"), help="colour jitter strengths: brightness contrast saturation hue")
-    data.add_argument("--random_resized_crop", action="store_true",
-                      help="random resized crop (scale 0.1-1, ratio 0.5-2) before the padded crop")
+    data.add_argument(
+        "--color_jitter",
+        type=_non_negative_float,
+        nargs=4,
+        default=None,
+        metavar=("B", "C", "S", "H"),
+        help="colour jitter strengths: brightness contrast saturation hue",
+    )
+    data.add_argument(
+        "--random_resized_crop",
+        action="store_true",
+        help="random resized crop (scale 0.1-1, ratio 0.5-2) before the padded crop",
+    )
     data.add_argument("--cutout", type=_non_negative_int, default=0, help="cutout square side in pixels; 0 is off")
 
     run = p.add_argument_group("trainer")
-    run.add_argument("--precision", default="auto",
-                     choices=["auto", "32-true", "16-mixed", "bf16-mixed", "bf16-true", "64-true"],
-                     help="auto: bf16-mixed on GPUs with bf16, 16-mixed on older GPUs, 32-true on the CPU")
-    run.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu", "cuda", "mps"],
-                     help="device type")
+    run.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "32-true", "16-mixed", "bf16-mixed", "bf16-true", "64-true"],
+        help="auto: bf16-mixed on GPUs with bf16, 16-mixed on older GPUs, 32-true on the CPU",
+    )
+    run.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu", "cuda", "mps"], help="device type")
     run.add_argument("--devices", default="auto", help="device count, comma list of ids, or auto")
     run.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
     run.add_argument("--seed", type=int, default=0, help="seeds weights, split, data order and augmentation")
     run.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on GPU)")
-    run.add_argument("--ckpt_path", default=None,
-                     help="resume: a checkpoint path, or 'last' for the newest last.ckpt of --arch")
+    run.add_argument(
+        "--ckpt_path", default=None, help="resume: a checkpoint path, or 'last' for the newest last.ckpt of --arch"
+    )
     run.add_argument("--log_dir", default="lightning_logs", help="runs land in LOG_DIR/<arch>/version_N")
-    run.add_argument("--limit_train_batches", type=_fraction_or_count, default=None,
-                     help="train on this fraction (<=1.0) or number of batches per epoch")
-    run.add_argument("--limit_val_batches", type=_fraction_or_count, default=None,
-                     help="validate on this fraction (<=1.0) or number of batches")
+    run.add_argument(
+        "--limit_train_batches",
+        type=_fraction_or_count,
+        default=None,
+        help="train on this fraction (<=1.0) or number of batches per epoch",
+    )
+    run.add_argument(
+        "--limit_val_batches",
+        type=_fraction_or_count,
+        default=None,
+        help="validate on this fraction (<=1.0) or number of batches",
+    )
     run.add_argument("--fast_dev_run", action="store_true", help="one batch of train/val/test, nothing saved")
-    run.add_argument("--progress", default="auto", choices=["auto", "bar", "lines", "none"],
-                     help="auto: a bar on a terminal, plain lines otherwise")
-    run.add_argument("--log_every_n_steps", type=_positive_int, default=50,
-                     help="write step-level scalars (loss, lr) every N optimizer steps")
+    run.add_argument(
+        "--progress",
+        default="auto",
+        choices=["auto", "bar", "lines", "none"],
+        help="auto: a bar on a terminal, plain lines otherwise",
+    )
+    run.add_argument(
+        "--log_every_n_steps",
+        type=_positive_int,
+        default=50,
+        help="write step-level scalars (loss, lr) every N optimizer steps",
+    )
     run.add_argument("--no_test", action="store_true", help="skip the final test-split evaluation")
     return p
 
@@ -231,7 +278,9 @@ def _report(result: dict[str, Any], args: argparse.Namespace) -> None:
     if result.get("best_checkpoint"):
         lines.append(f"  best checkpoint {result['best_checkpoint']}")
     if result.get("last_checkpoint"):
-        lines.append(f"  resume with    python scripts/fit.py --arch {args.arch} --ckpt_path {result['last_checkpoint']}")
+        lines.append(
+            f"  resume with    python scripts/fit.py --arch {args.arch} --ckpt_path {result['last_checkpoint']}"
+        )
     if result.get("run_dir"):
         lines.append(f"  run folder     {result['run_dir']}")
     lines.append(f"  curves         tensorboard --logdir {args.log_dir}")

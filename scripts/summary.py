@@ -22,9 +22,7 @@ from cifar_resnet.models.summary import (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--arch", help="one registered model name")
     what.add_argument("--all", action="store_true", help="one row (params, MACs) per registered model")

@@ -81,9 +81,7 @@ def test_batch_augment_is_reproducible_from_the_generator() -> None:
 def test_no_augmentation_is_plain_normalisation() -> None:
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     cfg = AugmentConfig(crop_padding=0, hflip=False)
-    expected = (images.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(
-        1, 3, 1, 1
-    )
+    expected = (images.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     assert torch.allclose(BatchAugment(cfg, MEAN, STD)(images, _gen()), expected, atol=1e-6)
     assert torch.allclose(Normalize(MEAN, STD)(images), expected, atol=1e-6)
 

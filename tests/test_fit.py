@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -49,8 +50,7 @@ def test_full_fit_validate_and_test_on_an_image_folder(tiny_folder: Path, tmp_pa
     assert 0.0 <= result["test_acc"] <= 1.0
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (
-        Path(result["best_checkpoint"]).is_file()
-        and Path(result["best_checkpoint"]).parent == run_dir / "checkpoints"
+        Path(result["best_checkpoint"]).is_file() and Path(result["best_checkpoint"]).parent == run_dir / "checkpoints"
     )
     saved = json.loads((run_dir / "args.json").read_text())
     assert saved["arch"] == "resnet20" and saved["max_epochs"] == 2 and saved["batch_size"] == 8
@@ -91,7 +91,7 @@ def test_warmup_rises_linearly_then_decays(tiny_folder: Path, tmp_path: Path) ->
     fit(*fit_args(tiny_folder, logs, "--max_epochs", "3", "--warmup_epochs", "1", "--no_test"))
     lrs = [v for _, v in scalars(logs / "resnet20" / "version_0")["train/lr"]]
     assert lrs[:3] == pytest.approx([0.05 / 3, 0.1 / 3, 0.05], rel=1e-5)
-    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:], strict=False)) and lrs[-1] < 0.01
+    assert all(a >= b for a, b in itertools.pairwise(lrs[2:])) and lrs[-1] < 0.01
 
 
 class _StopAfter(L.Callback):
@@ -131,16 +131,12 @@ def test_resume_continues_the_same_run_with_the_same_lr_curve_and_best(
     whole, split = scalars(whole_logs / "resnet20" / "version_0"), scalars(run_dir)
     assert [s for s, _ in split["train/lr"]] == [s for s, _ in whole["train/lr"]]
     assert [v for _, v in split["train/lr"]] == pytest.approx([v for _, v in whole["train/lr"]], rel=1e-6)
-    assert [s for s, _ in split["val/acc"]] == [s for s, _ in whole["val/acc"]], (
-        "epochs continue, none repeat"
-    )
+    assert [s for s, _ in split["val/acc"]] == [s for s, _ in whole["val/acc"]], "epochs continue, none repeat"
 
     val_accs = [v for _, v in split["val/acc"]]
     assert result["best_val_acc"] == pytest.approx(max(val_accs))
     assert [v for _, v in split["val/acc_best"]][-1] == pytest.approx(max(val_accs))
-    earlier_best = next(
-        v["best_model_score"] for k, v in first_best.items() if k.startswith("ModelCheckpoint")
-    )
+    earlier_best = next(v["best_model_score"] for k, v in first_best.items() if k.startswith("ModelCheckpoint"))
     assert result["best_val_acc"] >= float(earlier_best), "a resumed run never keeps a worse best"
     assert len(list((run_dir / "checkpoints").glob("best-*.ckpt"))) == 1
 

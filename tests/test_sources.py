@@ -8,8 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cifar_resnet.data import CIFARDataModule, detect_source
-from cifar_resnet.data import sources
+from cifar_resnet.data import CIFARDataModule, detect_source, sources
 from cifar_resnet.data.sources import CIFAR10_CLASSES, load_cifar10, load_image_folder
 from cifar_resnet.errors import UserError
 from tests.conftest import make_image_folder
@@ -97,7 +96,7 @@ def test_corrupt_image_is_named_in_a_user_error(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "d", classes=2, per_class={"train": 2}, ext="jpg")
     bad = root / "train" / "class_1" / "0001.jpg"
     bad.write_bytes(b"\xff\xd8 definitely not a jpeg")
-    with pytest.raises(UserError, match="0001.jpg"):
+    with pytest.raises(UserError, match=r"0001\.jpg"):
         load_image_folder(root / "train", cache_dir=None)
 
 

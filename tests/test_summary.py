@@ -140,9 +140,7 @@ def test_script_main_in_process(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_script_subprocess_arch() -> None:
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--arch", "resnet20"], cwd=ROOT, capture_output=True, text=True
-    )
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--arch", "resnet20"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "layer3" in proc.stdout
     assert "params: 269,722" in proc.stdout
@@ -150,9 +148,7 @@ def test_script_subprocess_arch() -> None:
 
 
 def test_script_unknown_arch_exits_2_with_one_line() -> None:
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--arch", "resnet19"], cwd=ROOT, capture_output=True, text=True
-    )
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--arch", "resnet19"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()

@@ -172,7 +172,7 @@ class AugmentConfig:
         if self.hflip:
             parts.append("horizontal flip")
         if self.color_jitter:
-            parts.append("colour jitter (b, c, s, h) = {}".format(self.color_jitter))
+            parts.append(f"colour jitter (b, c, s, h) = {self.color_jitter}")
         if self.cutout:
             parts.append(f"cutout {self.cutout}x{self.cutout}")
         return ", ".join(parts) or "none"

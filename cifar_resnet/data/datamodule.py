@@ -134,9 +134,7 @@ class CIFARDataModule(L.LightningDataModule):
         full_train = self._load(train=True)
         self.test_split = self._load(train=False) if self.has_test_split else None
         if self.test_split is not None and self.test_split.classes != full_train.classes:
-            raise UserError(
-                f"test classes {self.test_split.classes} differ from train classes {full_train.classes}"
-            )
+            raise UserError(f"test classes {self.test_split.classes} differ from train classes {full_train.classes}")
         val_size = self.hparams.val_size
         if val_size == 0:
             if self.test_split is None:
@@ -226,4 +224,3 @@ class CIFARDataModule(L.LightningDataModule):
             parts.append(f"{name}={len(split) if split is not None else 'none'}")
         parts.append(f"augment: {self.augment_config.describe()}")
         return ", ".join(parts)
-

@@ -88,9 +88,7 @@ def _table_modules(model: nn.Module, depth: int) -> Iterator[tuple[str, nn.Modul
             yield name, module
 
 
-def layer_table(
-    model: nn.Module, input_size: tuple[int, ...] = CIFAR_INPUT, depth: int = 1
-) -> list[LayerRow]:
+def layer_table(model: nn.Module, input_size: tuple[int, ...] = CIFAR_INPUT, depth: int = 1) -> list[LayerRow]:
     """Rows in execution order for the modules ``depth`` levels down (1 = top-level children).
 
     A module called twice (e.g. a shared ReLU) gives one row per call.
@@ -121,8 +119,7 @@ def format_layer_table(rows: Iterable[LayerRow]) -> str:
     """Fixed-width text table: name, type, output shape, params."""
     header = ("layer", "type", "output shape", "params")
     lines = [
-        (r.name, r.type, "x".join(map(str, r.output_shape)) if r.output_shape else "-", f"{r.params:,}")
-        for r in rows
+        (r.name, r.type, "x".join(map(str, r.output_shape)) if r.output_shape else "-", f"{r.params:,}") for r in rows
     ]
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *lines, strict=False)]
 
