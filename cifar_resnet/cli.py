@@ -16,7 +16,7 @@ from cifar_resnet.errors import UserError
 from cifar_resnet.models import list_models
 from cifar_resnet.module import ImageClassifier
 from cifar_resnet.runs import checkpoint_hparams, find_last_checkpoint, read_checkpoint, run_location_of
-from cifar_resnet.trainer import TrainerSettings, build_trainer, run_dir
+from cifar_resnet.trainer import TrainerSettings, build_trainer, run_dir, uses_cuda
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -160,6 +160,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="validate on this fraction (<=1.0) or number of batches",
     )
     run.add_argument("--fast_dev_run", action="store_true", help="one batch of train/val/test, nothing saved")
+    speed = p.add_argument_group("speed")
+    speed.add_argument(
+        "--channels_last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="NHWC memory format for convolutions (default: on for CUDA, off on the CPU)",
+    )
+    speed.add_argument("--compile", action="store_true", help="torch.compile the network (slow start, faster steps)")
+    speed.add_argument(
+        "--data_on_device",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the uint8 dataset on the GPU and index batches there (CUDA only)",
+    )
     run.add_argument(
         "--progress",
         default="auto",
@@ -213,6 +227,7 @@ def run_fit(args: argparse.Namespace) -> dict[str, Any]:
         random_resized_crop=args.random_resized_crop,
         cutout=args.cutout,
         cache_dir=args.cache_dir,
+        data_on_device=args.data_on_device,
     )
     num_classes = datamodule.num_classes
     if stored and stored.get("num_classes", num_classes) != num_classes:
@@ -230,6 +245,8 @@ def run_fit(args: argparse.Namespace) -> dict[str, Any]:
         warmup_epochs=args.warmup_epochs,
         no_bn_bias_decay=args.no_bn_bias_decay,
         zero_init_residual=args.zero_init_residual,
+        channels_last=uses_cuda(args.accelerator) if args.channels_last is None else args.channels_last,
+        compile_model=args.compile,
     )
     settings = TrainerSettings(
         arch=args.arch,

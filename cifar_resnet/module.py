@@ -35,6 +35,8 @@ class ImageClassifier(L.LightningModule):
         warmup_epochs: float = 0.0,
         no_bn_bias_decay: bool = False,
         zero_init_residual: bool = False,
+        channels_last: bool = False,
+        compile_model: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -48,7 +50,18 @@ class ImageClassifier(L.LightningModule):
         # Metric states are not part of state_dict by default; the best accuracy must survive a resume.
         self.val_acc_best.persistent(True)
 
+    def configure_model(self) -> None:
+        """Speed switches that change how, not what, the network computes."""
+        if self.hparams.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if self.hparams.compile_model and not getattr(self, "_compiled", False):
+            # Module.compile compiles forward in place, so state-dict keys keep their plain names.
+            self.model.compile()
+            self._compiled = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

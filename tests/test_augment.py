@@ -86,6 +86,15 @@ def test_no_augmentation_is_plain_normalisation() -> None:
     assert torch.allclose(Normalize(MEAN, STD)(images), expected, atol=1e-6)
 
 
+def test_full_scale_resized_crop_in_the_pipeline_is_plain_normalisation() -> None:
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    cfg = AugmentConfig(
+        random_resized_crop=True, rrc_scale=(1.0, 1.0), rrc_ratio=(1.0, 1.0), crop_padding=0, hflip=False
+    )
+    expected = Normalize(MEAN, STD)(images)
+    assert torch.allclose(BatchAugment(cfg, MEAN, STD)(images, _gen()), expected, atol=1e-4)
+
+
 def test_normalize_round_trips_through_denormalize() -> None:
     norm = Normalize(MEAN, STD)
     x = torch.rand(4, 3, 8, 8)

@@ -25,23 +25,33 @@ def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Ten
     return torch.rand(n, generator=gen) * (high - low) + low
 
 
+def random_crop_and_flip(x: torch.Tensor, padding: int, flip_p: float, gen: torch.Generator) -> torch.Tensor:
+    """Zero-pad by ``padding``, cut a crop of the original size at a per-sample random offset, and mirror
+    it left-right with probability ``flip_p``.
+
+    Both are one gather over flattened pixels: each sample reads the same index grid, shifted by its
+    offset, with the columns reversed when it flips.
+    """
+    n, c, h, w = x.shape
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=gen)
+    flip = torch.rand(n, generator=gen) < flip_p
+    padded_w = w + 2 * padding
+    source = F.pad(x, (padding, padding, padding, padding)) if padding > 0 else x
+    cols = torch.where(flip[:, None], torch.arange(w - 1, -1, -1), torch.arange(w))  # (n, w)
+    index = (torch.arange(h)[None, :, None] + dy[:, None, None]) * padded_w + (cols + dx[:, None])[:, None, :]
+    index = index.view(n, 1, h * w).to(x.device, non_blocking=True).expand(n, c, h * w)
+    return source.flatten(2).gather(2, index).view(n, c, h, w)
+
+
 def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
     """Zero-pad by ``padding`` and cut a crop of the original size at a per-sample random offset."""
-    if padding <= 0:
-        return x
-    n, c, h, w = x.shape
-    padded = F.pad(x, (padding, padding, padding, padding))
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=gen).to(x.device, non_blocking=True)
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=gen).to(x.device, non_blocking=True)
-    rows = (dy[:, None] + torch.arange(h, device=x.device)).view(n, 1, h, 1).expand(n, c, h, w + 2 * padding)
-    cols = (dx[:, None] + torch.arange(w, device=x.device)).view(n, 1, 1, w).expand(n, c, h, w)
-    return padded.gather(2, rows).gather(3, cols)
+    return random_crop_and_flip(x, padding, 0.0, gen) if padding > 0 else x
 
 
 def random_hflip(x: torch.Tensor, gen: torch.Generator, p: float = 0.5) -> torch.Tensor:
     """Mirror each sample left-right with probability ``p``."""
-    flip = (torch.rand(x.shape[0], generator=gen) < p).to(x.device, non_blocking=True)
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
+    return random_crop_and_flip(x, 0, p, gen)
 
 
 def random_resized_crop(
@@ -148,7 +158,12 @@ class Normalize(torch.nn.Module):
         return (x * self.std.to(x.device) + self.mean.to(x.device)).clamp(0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.normalize(self.to_unit(x))
+        """uint8 in [0, 255] or float in [0, 1] to normalised float32."""
+        if x.dtype != torch.uint8:
+            return self.normalize(x.float())
+        # (x / 255 - mean) / std as one multiply-add that reads uint8 and writes float32.
+        scale = (1.0 / (255.0 * self.std)).to(x.device)
+        return torch.addcmul((-self.mean / self.std).to(x.device), x, scale)
 
 
 @dataclass(frozen=True)
@@ -188,13 +203,13 @@ class BatchAugment(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         cfg = self.config
-        x = self.norm.to_unit(x)
         if cfg.random_resized_crop:
-            x = random_resized_crop(x, gen, cfg.rrc_scale, cfg.rrc_ratio)
-        x = random_crop(x, cfg.crop_padding, gen)
-        if cfg.hflip:
-            x = random_hflip(x, gen)
+            x = random_resized_crop(self.norm.to_unit(x), gen, cfg.rrc_scale, cfg.rrc_ratio)
+        # Crop and flip only move pixels: on uint8 they touch a quarter of the bytes of float32.
+        if cfg.crop_padding > 0 or cfg.hflip:
+            x = random_crop_and_flip(x, cfg.crop_padding, 0.5 if cfg.hflip else 0.0, gen)
         if cfg.color_jitter:
-            x = color_jitter(x, gen, *cfg.color_jitter)
-        x = self.norm.normalize(x)
+            x = self.norm.normalize(color_jitter(self.norm.to_unit(x), gen, *cfg.color_jitter))
+        else:
+            x = self.norm(x)
         return cutout(x, cfg.cutout, gen)

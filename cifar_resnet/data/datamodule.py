@@ -42,7 +42,7 @@ class TensorImageDataset(Dataset):
         return self.images[index], self.labels[index]
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.as_tensor(indices, dtype=torch.int64)
+        idx = torch.as_tensor(indices, dtype=torch.int64).to(self.images.device, non_blocking=True)
         return self.images[idx], self.labels[idx]
 
 
@@ -75,6 +75,7 @@ class CIFARDataModule(L.LightningDataModule):
         random_resized_crop: bool = False,
         cutout: int = 0,
         cache_dir: str | None = None,
+        data_on_device: bool = True,
     ) -> None:
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
@@ -98,7 +99,8 @@ class CIFARDataModule(L.LightningDataModule):
         self.val_split: ImageSplit | None = None
         self.test_split: ImageSplit | None = None
         self._aug_gen = torch.Generator()
-        self._aug_epoch: int | None = None
+        self._aug_epoch: tuple[int, int] | None = None
+        self._resident: dict[tuple[str, str], ImageSplit] = {}
 
     # ------------------------------------------------------------------ data
 
@@ -157,10 +159,21 @@ class CIFARDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
-    def _loader(self, split: ImageSplit | None, train: bool) -> DataLoader:
+    def _loader(self, name: str) -> DataLoader:
+        split: ImageSplit | None = getattr(self, f"{name}_split")
+        train = name == "train"
         if split is None:
             raise UserError(f"no test split: add {self.data_dir}/test/<class>/* or use torchvision's CIFAR-10")
         world, rank = self._world()
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        on_gpu = device.type == "cuda"
+        resident = on_gpu and self.hparams.data_on_device
+        if resident:
+            # CIFAR-10 is 150 MB as uint8: keep it on the GPU and index batches there, no host copies at all.
+            key = (name, str(device))
+            if key not in self._resident:
+                self._resident[key] = ImageSplit(split.images.to(device), split.labels.to(device), split.classes)
+            split = self._resident[key]
         dataset = TensorImageDataset(split)
         # Training order comes from (seed, epoch) through DistributedSampler.set_epoch, which Lightning
         # calls every epoch; one process is simply a world of one. Evaluation splits are not padded, so
@@ -170,8 +183,7 @@ class CIFARDataModule(L.LightningDataModule):
             if train
             else UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
         )
-        workers = self.hparams.num_workers
-        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        workers = 0 if resident else self.hparams.num_workers
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size if train else self.hparams.eval_batch_size,
@@ -179,18 +191,18 @@ class CIFARDataModule(L.LightningDataModule):
             drop_last=train,
             num_workers=workers,
             collate_fn=keep_batch,
-            pin_memory=on_gpu,
+            pin_memory=on_gpu and not resident,
             persistent_workers=workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_split, train=True)
+        return self._loader("train")
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_split, train=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_split, train=False)
+        return self._loader("test")
 
     # ------------------------------------------------------------------ augmentation
 
@@ -199,14 +211,18 @@ class CIFARDataModule(L.LightningDataModule):
         seed = (self.hparams.data_seed * 1_000_003 + epoch) * 4099 + rank
         return torch.Generator().manual_seed(seed % (2**63))
 
+    def augment_batch(self, images: torch.Tensor, epoch: int, rank: int = 0) -> torch.Tensor:
+        """The training transform of one batch; the RNG restarts from (seed, epoch, rank) each epoch."""
+        if self._aug_epoch != (epoch, rank):
+            self._aug_gen = self.augmentation_generator(epoch, rank)
+            self._aug_epoch = (epoch, rank)
+        return self.train_augment(images, self._aug_gen)
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, labels = batch
         trainer = self.trainer
         if trainer is not None and trainer.training:
-            if self._aug_epoch != trainer.current_epoch:
-                self._aug_gen = self.augmentation_generator(trainer.current_epoch, trainer.global_rank)
-                self._aug_epoch = trainer.current_epoch
-            return self.train_augment(images, self._aug_gen), labels
+            return self.augment_batch(images, trainer.current_epoch, trainer.global_rank), labels
         return self.normalize(images), labels
 
     def augmented_preview(self, count: int = 64, seed: int = 0) -> torch.Tensor:

@@ -1,0 +1,202 @@
+"""Throughput of our data pipeline and training step, against what a user would otherwise write.
+
+Every figure is images per second over timed iterations that follow untimed warm-up iterations; on CUDA
+the device is synchronised before each clock read, so queued work is counted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch.utils.data import DataLoader
+from torchvision import transforms
+
+from cifar_resnet.data import CIFAR10_MEAN, CIFAR10_STD, CIFARDataModule
+from cifar_resnet.models import create_model
+from cifar_resnet.module import ImageClassifier
+
+
+@dataclass
+class Figure:
+    """One measured number."""
+
+    name: str
+    value: float
+    unit: str
+    device: str
+    details: dict[str, Any]
+
+    def json_line(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cycle(loader: DataLoader) -> Iterator[Any]:
+    while True:
+        yield from loader
+
+
+def _time_iterations(step: Callable[[], int], warmup: int, iterations: int, device: torch.device) -> float:
+    """Images per second of ``step`` (which returns how many images it handled) after ``warmup`` calls."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    start, images = time.perf_counter(), 0
+    for _ in range(iterations):
+        images += step()
+    _sync(device)
+    return images / (time.perf_counter() - start)
+
+
+def our_pipeline(dm: CIFARDataModule, device: torch.device, warmup: int, iterations: int) -> float:
+    """Augmented training images per second: our loader, the copy to ``device``, batch augmentation."""
+    batches = _cycle(dm.train_dataloader())
+
+    def step() -> int:
+        images, labels = next(batches)
+        images = images.to(device, non_blocking=True)
+        dm.augment_batch(images, epoch=0)
+        return labels.shape[0]
+
+    return _time_iterations(step, warmup, iterations, device)
+
+
+def pil_pipeline(
+    data_dir: Path, batch_size: int, workers: int, device: torch.device, warmup: int, iterations: int
+) -> float:
+    """The usual tutorial pipeline: ImageFolder (or CIFAR10) through PIL transforms and a DataLoader."""
+    transform = transforms.Compose(
+        [
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD),
+        ]
+    )
+    if (data_dir / "train").is_dir():
+        dataset = torchvision.datasets.ImageFolder(str(data_dir / "train"), transform=transform)
+    else:
+        dataset = torchvision.datasets.CIFAR10(str(data_dir), train=True, transform=transform)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        drop_last=True,
+    )
+    batches = _cycle(loader)
+
+    def step() -> int:
+        images, labels = next(batches)
+        images.to(device, non_blocking=True)
+        return labels.shape[0]
+
+    return _time_iterations(step, warmup, iterations, device)
+
+
+class _StepTimer(L.Callback):
+    """Times training batches ``warmup`` .. end, synchronising the device at both ends."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.start = 0.0
+        self.end = 0.0
+        self.images = 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        if idx == self.warmup:
+            _sync(pl_module.device)
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        if idx >= self.warmup:
+            self.images += batch[1].shape[0]
+        if idx + 1 == trainer.num_training_batches:
+            _sync(pl_module.device)
+            self.end = time.perf_counter()
+
+
+def lightning_training(
+    arch: str,
+    dm: CIFARDataModule,
+    device: torch.device,
+    precision: str,
+    channels_last: bool,
+    compile_model: bool,
+    warmup: int,
+    iterations: int,
+) -> float:
+    """Training images per second through our LightningModule and a Trainer, as ``scripts/fit.py`` runs it."""
+    model = ImageClassifier(arch=arch, num_classes=dm.num_classes, channels_last=channels_last,
+                            compile_model=compile_model)  # fmt: skip
+    timer = _StepTimer(warmup)
+    trainer = L.Trainer(
+        accelerator=device.type,
+        devices=1,
+        precision=precision,
+        max_epochs=1,
+        limit_train_batches=warmup + iterations,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        callbacks=[timer],
+    )
+    trainer.fit(model, datamodule=dm)
+    return timer.images / (timer.end - timer.start)
+
+
+def plain_training(
+    arch: str,
+    dm: CIFARDataModule,
+    device: torch.device,
+    precision: str,
+    channels_last: bool,
+    warmup: int,
+    iterations: int,
+) -> float:
+    """The same model, data, augmentation, SGD and cosine schedule in a hand-written PyTorch loop."""
+    model = create_model(arch, num_classes=dm.num_classes).to(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=warmup + iterations)
+    autocast_dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
+    use_autocast = precision in ("bf16-mixed", "16-mixed")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
+    batches = _cycle(dm.train_dataloader())
+
+    def step() -> int:
+        images, labels = next(batches)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        inputs = dm.augment_batch(images, epoch=0).contiguous(memory_format=memory_format)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
+            loss = F.cross_entropy(model(inputs), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        return labels.shape[0]
+
+    return _time_iterations(step, warmup, iterations, device)

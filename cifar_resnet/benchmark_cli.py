@@ -1,0 +1,125 @@
+"""``scripts/benchmark.py``: data-pipeline and training throughput, ours against the usual baselines."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from cifar_resnet import benchmark
+from cifar_resnet.benchmark import Figure
+from cifar_resnet.cli import OneLineErrorParser
+from cifar_resnet.data import CIFARDataModule
+from cifar_resnet.errors import UserError
+from cifar_resnet.models import list_models
+from cifar_resnet.trainer import resolve_precision
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineErrorParser(
+        prog="benchmark.py",
+        description="Measure data-pipeline and training throughput against plain baselines.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to measure")
+    p.add_argument("--data_dir", default="./data", help="image folder (DIR/train/<class>/*) or CIFAR-10 files")
+    p.add_argument("--cache_dir", default=None, help="decoded-image cache (default ~/.cache/cifar_resnet)")
+    p.add_argument(
+        "--archs",
+        nargs="+",
+        default=None,
+        choices=list_models(),
+        metavar="ARCH",
+        help="architectures to time (default: resnet20 on the CPU; resnet18 resnet50 resnet20 on CUDA)",
+    )
+    p.add_argument("--batch_size", type=int, default=None, help="training batch (default 128 CPU, 512 CUDA)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers, the same for ours and the baseline")
+    p.add_argument("--precision", default="auto", help="Lightning precision; auto as in fit.py")
+    p.add_argument("--warmup", type=int, default=None, help="untimed iterations (default 3 CPU, 20 CUDA)")
+    p.add_argument("--iterations", type=int, default=None, help="timed iterations (default 10 CPU, 100 CUDA)")
+    p.add_argument("--compile", action="store_true", help="also time the first arch with torch.compile")
+    return p
+
+
+def _environment(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return (
+        f"{name}; {torch.get_num_threads()} threads; torch {torch.__version__}; lightning {L.__version__}; "
+        f"python {platform.python_version()}; {time.strftime('%Y-%m-%d')}"
+    )
+
+
+def run(args: argparse.Namespace) -> list[Figure]:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")  # fmt: skip
+    on_gpu = device.type == "cuda"
+    archs = args.archs or (["resnet18", "resnet50", "resnet20"] if on_gpu else ["resnet20"])
+    batch = args.batch_size or (512 if on_gpu else 128)
+    warmup = args.warmup if args.warmup is not None else (20 if on_gpu else 3)
+    iterations = args.iterations if args.iterations is not None else (100 if on_gpu else 10)
+    precision = resolve_precision(args.precision, "cuda" if on_gpu else "cpu")
+    channels_last = on_gpu
+    if on_gpu:
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+    data_dir = Path(args.data_dir)
+    dm = CIFARDataModule(data_dir=str(data_dir), batch_size=batch, num_workers=args.workers, cache_dir=args.cache_dir)
+    dm.prepare_data()
+    dm.setup("fit")
+    print(f"# {_environment(device)}; batch {batch}; precision {precision}; workers {args.workers}", flush=True)
+    figures: list[Figure] = []
+
+    def record(name: str, value: float, unit: str = "images/s", **details: object) -> None:
+        figure = Figure(name, value, unit, device.type, {"batch_size": batch, **details})
+        figures.append(figure)
+        print(figure.json_line(), flush=True)
+
+    data_iters = max(iterations, 20)
+    ours = benchmark.our_pipeline(dm, device, warmup, data_iters)
+    record("data/ours", ours, workers=args.workers)
+    pil = benchmark.pil_pipeline(data_dir, batch, args.workers, device, min(warmup, 2), min(data_iters, 10))
+    record("data/pil_baseline", pil, workers=args.workers)
+    record("data/ratio_ours_over_pil", ours / pil, "x")
+
+    for index, arch in enumerate(archs):
+        lit = benchmark.lightning_training(arch, dm, device, precision, channels_last, False, warmup, iterations)
+        record(f"train/{arch}/lightning", lit, precision=precision, channels_last=channels_last)
+        plain = benchmark.plain_training(arch, dm, device, precision, channels_last, warmup, iterations)
+        record(f"train/{arch}/plain_loop", plain, precision=precision, channels_last=channels_last)
+        record(f"train/{arch}/step_time_ratio_lightning_over_plain", plain / lit, "x")
+        record(f"train/{arch}/data_share_of_step", lit / ours, "fraction")
+        if index == 0:
+            other = benchmark.lightning_training(arch, dm, device, precision, not channels_last, False, warmup,
+                                                 iterations)  # fmt: skip
+            record(f"train/{arch}/lightning_channels_last_{not channels_last}", other, precision=precision)
+            if args.compile:
+                compiled = benchmark.lightning_training(arch, dm, device, precision, channels_last, True,
+                                                        warmup, iterations)  # fmt: skip
+                record(f"train/{arch}/lightning_compiled", compiled, precision=precision)
+    return figures
+
+
+def format_table(figures: list[Figure]) -> str:
+    rows = ["| figure | value | unit |", "| --- | ---: | --- |"]
+    rows += [f"| {f.name} | {f.value:,.2f} | {f.unit} |" for f in figures]
+    return "\n".join(rows)
+
+
+def benchmark_main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        figures = run(args)
+    except UserError as err:
+        print(f"benchmark.py: error: {err}", file=sys.stderr)
+        return 2
+    print()
+    print(format_table(figures))
+    return 0

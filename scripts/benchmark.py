@@ -1,0 +1,8 @@
+"""Throughput of our pipeline and training step against plain baselines: ``python scripts/benchmark.py``."""
+
+import sys
+
+from cifar_resnet.benchmark_cli import benchmark_main
+
+if __name__ == "__main__":
+    sys.exit(benchmark_main())

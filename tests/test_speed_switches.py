@@ -1,0 +1,54 @@
+"""Speed switches change how the network computes, never what it computes."""
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from cifar_resnet.data import CIFARDataModule
+from cifar_resnet.module import ImageClassifier
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "resnet18", "preact_resnet20"])
+def test_channels_last_gives_the_same_outputs(arch: str) -> None:
+    torch.manual_seed(0)
+    plain = ImageClassifier(arch=arch).eval()
+    fast = ImageClassifier(arch=arch, channels_last=True).eval()
+    fast.load_state_dict(plain.state_dict())
+    fast.configure_model()
+    x = torch.randn(4, 3, 32, 32)
+    first_conv = next(m for m in fast.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected, got = plain(x), fast(x)
+    assert torch.allclose(expected, got, rtol=1e-4, atol=1e-5)
+
+
+def test_channels_last_gives_the_same_gradients() -> None:
+    torch.manual_seed(0)
+    plain = ImageClassifier(arch="resnet20")
+    fast = ImageClassifier(arch="resnet20", channels_last=True)
+    fast.load_state_dict(plain.state_dict())
+    fast.configure_model()
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for module in (plain, fast):
+        torch.nn.functional.cross_entropy(module(x), y).backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), fast.named_parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-5), name
+
+
+def test_compiled_model_trains_one_step_on_the_cpu(tiny_folder: Path, tmp_path: Path) -> None:
+    dm = CIFARDataModule(data_dir=str(tiny_folder), batch_size=8, val_size=6, cache_dir=str(tmp_path / "c"))
+    model = ImageClassifier(arch="resnet20", num_classes=3, compile_model=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 1
+    assert hasattr(model.model, "_compiled_call_impl") and model.model._compiled_call_impl is not None
+    assert set(model.state_dict()) == set(before), "compiling keeps state-dict keys unprefixed"
+    changed = [k for k in before if not torch.equal(before[k], model.state_dict()[k])]
+    assert any(k.endswith("conv1.weight") for k in changed), "the step updated the weights"
