@@ -7,6 +7,7 @@ the device is synchronised before each clock read, so queued work is counted.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -23,6 +24,7 @@ from torchvision import transforms
 from cifar_resnet.data import CIFAR10_MEAN, CIFAR10_STD, CIFARDataModule
 from cifar_resnet.models import create_model
 from cifar_resnet.module import ImageClassifier
+from cifar_resnet.trainer import TrainerSettings, build_trainer
 
 
 @dataclass
@@ -147,22 +149,21 @@ def lightning_training(
     model = ImageClassifier(arch=arch, num_classes=dm.num_classes, channels_last=channels_last,
                             compile_model=compile_model)  # fmt: skip
     timer = _StepTimer(warmup)
-    trainer = L.Trainer(
-        accelerator=device.type,
-        devices=1,
-        precision=precision,
-        max_epochs=1,
-        limit_train_batches=warmup + iterations,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        num_sanity_val_steps=0,
-        callbacks=[timer],
-    )
-    trainer.fit(model, datamodule=dm)
+    with tempfile.TemporaryDirectory() as log_dir:
+        settings = TrainerSettings(
+            arch=arch,
+            max_epochs=1,
+            log_dir=log_dir,
+            accelerator=device.type,
+            devices="1",
+            precision=precision,
+            limit_train_batches=warmup + iterations,
+            limit_val_batches=0,
+            progress="none",
+        )
+        trainer, _ = build_trainer(settings)  # the callbacks and logger of scripts/fit.py
+        trainer.callbacks.append(timer)
+        trainer.fit(model, datamodule=dm)
     return timer.images / (timer.end - timer.start)
 
 

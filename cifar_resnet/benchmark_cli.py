@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ARCH",
         help="architectures to time (default: resnet20 on the CPU; resnet18 resnet50 resnet20 on CUDA)",
     )
+    p.add_argument("--val_size", type=int, default=5000, help="held out as in fit.py (not timed)")
     p.add_argument("--batch_size", type=int, default=None, help="training batch (default 128 CPU, 512 CUDA)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers, the same for ours and the baseline")
     p.add_argument("--precision", default="auto", help="Lightning precision; auto as in fit.py")
@@ -71,7 +72,13 @@ def run(args: argparse.Namespace) -> list[Figure]:
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
     data_dir = Path(args.data_dir)
-    dm = CIFARDataModule(data_dir=str(data_dir), batch_size=batch, num_workers=args.workers, cache_dir=args.cache_dir)
+    dm = CIFARDataModule(
+        data_dir=str(data_dir),
+        batch_size=batch,
+        val_size=args.val_size,
+        num_workers=args.workers,
+        cache_dir=args.cache_dir,
+    )
     dm.prepare_data()
     dm.setup("fit")
     print(f"# {_environment(device)}; batch {batch}; precision {precision}; workers {args.workers}", flush=True)
