@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> list[Figure]:
     warmup = args.warmup if args.warmup is not None else (20 if on_gpu else 3)
     iterations = args.iterations if args.iterations is not None else (100 if on_gpu else 10)
     precision = resolve_precision(args.precision, "cuda" if on_gpu else "cpu")
-    channels_last = on_gpu
+    channels_last = True  # fit.py's default
     if on_gpu:
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")

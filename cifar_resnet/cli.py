@@ -16,7 +16,7 @@ from cifar_resnet.errors import UserError
 from cifar_resnet.models import list_models
 from cifar_resnet.module import ImageClassifier
 from cifar_resnet.runs import checkpoint_hparams, find_last_checkpoint, read_checkpoint, run_location_of
-from cifar_resnet.trainer import TrainerSettings, build_trainer, run_dir, uses_cuda
+from cifar_resnet.trainer import TrainerSettings, build_trainer, run_dir
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -164,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument(
         "--channels_last",
         action=argparse.BooleanOptionalAction,
-        default=None,
-        help="NHWC memory format for convolutions (default: on for CUDA, off on the CPU)",
+        default=True,
+        help="NHWC memory format for convolutions (measured faster on CUDA and on the CPU)",
     )
     speed.add_argument("--compile", action="store_true", help="torch.compile the network (slow start, faster steps)")
     speed.add_argument(
@@ -245,7 +245,7 @@ def run_fit(args: argparse.Namespace) -> dict[str, Any]:
         warmup_epochs=args.warmup_epochs,
         no_bn_bias_decay=args.no_bn_bias_decay,
         zero_init_residual=args.zero_init_residual,
-        channels_last=uses_cuda(args.accelerator) if args.channels_last is None else args.channels_last,
+        channels_last=args.channels_last,
         compile_model=args.compile,
     )
     settings = TrainerSettings(
