@@ -7,6 +7,7 @@ the device is synchronised before each clock read, so queued work is counted.
 from __future__ import annotations
 
 import json
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -51,16 +52,24 @@ def _cycle(loader: DataLoader) -> Iterator[Any]:
         yield from loader
 
 
-def _time_iterations(step: Callable[[], int], warmup: int, iterations: int, device: torch.device) -> float:
-    """Images per second of ``step`` (which returns how many images it handled) after ``warmup`` calls."""
+def _time_iterations(
+    step: Callable[[], int], warmup: int, iterations: int, device: torch.device, repeats: int = 5
+) -> float:
+    """Images per second of ``step`` (which returns how many images it handled) after ``warmup`` calls.
+
+    The median of ``repeats`` timed runs, so one burst of load from elsewhere does not decide the figure.
+    """
     for _ in range(warmup):
         step()
-    _sync(device)
-    start, images = time.perf_counter(), 0
-    for _ in range(iterations):
-        images += step()
-    _sync(device)
-    return images / (time.perf_counter() - start)
+    rates = []
+    for _ in range(repeats):
+        _sync(device)
+        start, images = time.perf_counter(), 0
+        for _ in range(iterations):
+            images += step()
+        _sync(device)
+        rates.append(images / (time.perf_counter() - start))
+    return statistics.median(rates)
 
 
 def our_pipeline(dm: CIFARDataModule, device: torch.device, warmup: int, iterations: int) -> float:
@@ -200,4 +209,4 @@ def plain_training(
         scheduler.step()
         return labels.shape[0]
 
-    return _time_iterations(step, warmup, iterations, device)
+    return _time_iterations(step, warmup, iterations, device, repeats=1)

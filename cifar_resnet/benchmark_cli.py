@@ -89,10 +89,9 @@ def run(args: argparse.Namespace) -> list[Figure]:
         figures.append(figure)
         print(figure.json_line(), flush=True)
 
-    data_iters = max(iterations, 20)
-    ours = benchmark.our_pipeline(dm, device, warmup, data_iters)
+    ours = benchmark.our_pipeline(dm, device, warmup, max(iterations, 100))
     record("data/ours", ours, workers=args.workers)
-    pil = benchmark.pil_pipeline(data_dir, batch, args.workers, device, min(warmup, 2), min(data_iters, 10))
+    pil = benchmark.pil_pipeline(data_dir, batch, args.workers, device, min(warmup, 2), min(iterations, 10))
     record("data/pil_baseline", pil, workers=args.workers)
     record("data/ratio_ours_over_pil", ours / pil, "x")
 
