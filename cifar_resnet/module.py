@@ -7,7 +7,6 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -74,12 +73,14 @@ class ImageClassifier(L.LightningModule):
         # Metrics accumulate on the device; nothing here waits for the GPU.
         self.train_loss(loss.detach())
         self.train_acc(logits.detach(), labels)
+        self.train_acc_top5(logits.detach(), labels)
         self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
     def on_train_epoch_end(self) -> None:
         self.log("train/loss", self.train_loss, on_epoch=True)
         self.log("train/acc", self.train_acc, on_epoch=True, prog_bar=True)
+        self.log("train/acc_top5", self.train_acc_top5, on_epoch=True)
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
         images, labels = batch
@@ -99,9 +100,9 @@ class ImageClassifier(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         acc = self.val_acc.compute()
         self._log_eval("val")
-        if not self.trainer.sanity_checking:
+        if not self.trainer.sanity_checking:  # the sanity check's few batches are no accuracy to keep
             self.val_acc_best(acc)
-        self.log("val/acc_best", self.val_acc_best.compute() if self.val_acc_best.update_count else acc)
+            self.log("val/acc_best", self.val_acc_best.compute())
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test")
@@ -143,8 +144,3 @@ class ImageClassifier(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1, "name": "train/lr"},
         }
-
-
-def model_parameters_summary(model: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
