@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import functools
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,15 +33,6 @@ EXPECTED_PARAMS = {
     "resnet110": 1_727_962,
     "resnet1202": 19_421_274,
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """One intra-op thread: tiny batches gain nothing from more, and it avoids stalls on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def n_params(model: nn.Module) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,15 +28,6 @@ SCRIPT = ROOT / "scripts" / "summary.py"
 
 # Reference MACs for one 1x3x32x32 image.
 EXPECTED_MACS = {"resnet18": 0.556e9, "resnet50": 1.298e9, "resnet20": 40.6e6, "resnet56": 125.5e6}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """One intra-op thread: tiny batches gain nothing from more, and it avoids stalls on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def load_script():
