@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,16 @@ from cifar_resnet.errors import UserError
 from cifar_resnet.runs import RunLocation
 
 BEST_CHECKPOINT_PATTERN = "best-epoch{epoch:03d}-val_acc{val/acc:.4f}"
+
+
+class _DropAdverts(logging.Filter):
+    """Lightning prints a product tip at every Trainer start; it is noise in a training log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip")
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
 
 
 def uses_cuda(accelerator: str) -> bool:
