@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 import lightning as L
 
 from cifar_resnet.data import CIFARDataModule
+from cifar_resnet.data.stats import describe_data
 from cifar_resnet.errors import UserError
 from cifar_resnet.models import list_models
 from cifar_resnet.module import ImageClassifier
@@ -187,6 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="write step-level scalars (loss, lr) every N optimizer steps",
     )
     run.add_argument("--no_test", action="store_true", help="skip the final test-split evaluation")
+    run.add_argument(
+        "--confusion_every_n_epochs",
+        type=_positive_int,
+        default=1,
+        help="write the validation confusion matrix to TensorBoard every N epochs (and after the last)",
+    )
+    run.add_argument(
+        "--describe_data",
+        action="store_true",
+        help="print per-class counts of each split and the training split's mean/std, then exit",
+    )
     return p
 
 
@@ -229,6 +241,9 @@ def run_fit(args: argparse.Namespace) -> dict[str, Any]:
         cache_dir=args.cache_dir,
         data_on_device=args.data_on_device,
     )
+    if args.describe_data:
+        print(describe_data(datamodule), flush=True)
+        return {"described_data": True}
     num_classes = datamodule.num_classes
     if stored and stored.get("num_classes", num_classes) != num_classes:
         raise UserError(
@@ -262,6 +277,7 @@ def run_fit(args: argparse.Namespace) -> dict[str, Any]:
         fast_dev_run=args.fast_dev_run,
         progress=args.progress,
         log_every_n_steps=args.log_every_n_steps,
+        confusion_every_n_epochs=args.confusion_every_n_epochs,
         resume_location=run_location_of(ckpt_path) if ckpt_path else None,
         run_arguments={**vars(args), "ckpt_path": str(ckpt_path) if ckpt_path else None},
     )
@@ -313,5 +329,6 @@ def fit_main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         print(f"fit.py: error: {err}", file=sys.stderr)
         return 2
-    _report(result, args)
+    if not result.get("described_data"):
+        _report(result, args)
     return 0

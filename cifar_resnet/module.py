@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 from torchmetrics import MaxMetric, MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from cifar_resnet.models import create_model
 
@@ -45,6 +45,8 @@ class ImageClassifier(L.LightningModule):
             setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, top_k=1, average="micro"))
             setattr(self, f"{stage}_acc_top5", MulticlassAccuracy(num_classes, top_k=top5, average="micro"))
             setattr(self, f"{stage}_loss", MeanMetric())
+        # Read, logged and reset once per validation by eval_callbacks.ValidationReport (no per-step sync).
+        self.val_confusion = MulticlassConfusionMatrix(num_classes)
         self.val_acc_best = MaxMetric()
         # Metric states are not part of state_dict by default; the best accuracy must survive a resume.
         self.val_acc_best.persistent(True)
@@ -88,6 +90,8 @@ class ImageClassifier(L.LightningModule):
         getattr(self, f"{stage}_loss")(self._loss(logits, labels), weight=labels.numel())
         getattr(self, f"{stage}_acc")(logits, labels)
         getattr(self, f"{stage}_acc_top5")(logits, labels)
+        if stage == "val":
+            self.val_confusion.update(logits, labels)
 
     def _log_eval(self, stage: str) -> None:
         self.log(f"{stage}/loss", getattr(self, f"{stage}_loss"), prog_bar=stage == "val")

@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from cifar_resnet.callbacks import AugmentationPreview, EpochThroughput, LineProgress, SaveRunArguments
 from cifar_resnet.errors import UserError
+from cifar_resnet.eval_callbacks import ValidationReport
 from cifar_resnet.runs import RunLocation
 
 BEST_CHECKPOINT_PATTERN = "best-epoch{epoch:03d}-val_acc{val/acc:.4f}"
@@ -61,6 +62,7 @@ class TrainerSettings:
     fast_dev_run: bool = False
     progress: str = "auto"  # auto | bar | lines | none
     log_every_n_steps: int = 50
+    confusion_every_n_epochs: int = 1
     resume_location: RunLocation | None = None
     run_arguments: dict[str, Any] = field(default_factory=dict)
 
@@ -123,6 +125,7 @@ def build_trainer(settings: TrainerSettings) -> tuple[L.Trainer, Checkpoints]:
         EpochThroughput(),
         AugmentationPreview(),
         SaveRunArguments(settings.run_arguments),
+        ValidationReport(settings.confusion_every_n_epochs),
     ]
     progress = _progress_callback(settings.progress)
     if progress is not None:

@@ -1,0 +1,77 @@
+"""``scripts/plot.py``: loss, accuracy and learning-rate curves of a run as PNGs, from its TensorBoard events."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cifar_resnet.cli import OneLineErrorParser
+from cifar_resnet.errors import UserError
+from cifar_resnet.plots import curves_figure, save_figure
+from cifar_resnet.script_io import run_reporting_user_errors
+
+# (file name, title, y label, tags): only tags present in the run are drawn.
+PANELS = (
+    ("loss.png", "Loss", "cross-entropy", ("train/loss_step", "train/loss", "val/loss")),
+    ("accuracy.png", "Accuracy", "accuracy", ("train/acc", "val/acc", "val/acc_top5")),
+    ("lr.png", "Learning rate", "learning rate", ("train/lr",)),
+)
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of a run folder; all its event files (resumed runs add files), later values win."""
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run folder")
+    if not any(run_dir.glob("events.out.tfevents.*")):
+        raise UserError(
+            f"{run_dir} holds no TensorBoard event files; pass a run folder like lightning_logs/<arch>/version_N"
+        )
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    series = {}
+    for tag in accumulator.Tags()["scalars"]:
+        by_step = {event.step: event.value for event in accumulator.Scalars(tag)}
+        series[tag] = sorted(by_step.items())
+    return series
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
+    """Write loss.png, accuracy.png and lr.png into ``out`` (default ``run_dir/plots``); returns the files."""
+    run_dir = Path(run_dir)
+    series = read_scalars(run_dir)
+    out_dir = Path(out) if out else run_dir / "plots"
+    written = []
+    for name, title, ylabel, tags in PANELS:
+        present = {tag: series[tag] for tag in tags if tag in series}
+        if present:
+            figure = curves_figure(present, f"{title} ({run_dir.parent.name}/{run_dir.name})", ylabel, "optimizer step")
+            written.append(save_figure(figure, out_dir / name))
+    if not written:
+        raise UserError(f"{run_dir} has none of the tags {', '.join(t for p in PANELS for t in p[3])}")
+    return written
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineErrorParser(
+        prog="plot.py",
+        description="PNG curves of loss, accuracy and learning rate of a run folder.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("run_dir", help="a run folder, e.g. lightning_logs/resnet20/version_0")
+    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/plots)")
+    return p
+
+
+def plot_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``scripts/plot.py``."""
+    args = build_parser().parse_args(argv)
+
+    def work() -> int:
+        for path in plot_run(args.run_dir, args.out):
+            print(path)
+        return 0
+
+    return run_reporting_user_errors("plot.py", work)

@@ -1,0 +1,97 @@
+"""What the model learned, in TensorBoard during fit: confusion matrix, per-class accuracy, final hparams."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from cifar_resnet.plots import confusion_figure
+
+
+def _tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
+    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+
+class ValidationReport(Callback):
+    """Per validation: ``val/acc_class/<name>`` scalars and, every ``figure_every_n_epochs``, the confusion
+    matrix as an image (``val/confusion_matrix``). At the end the hparams tab gets ``hp/best_val_acc`` and,
+    after a test, ``hp/test_acc``. Checkpoints also store the class names and the normalisation.
+
+    The module accumulates ``val_confusion`` on the device; it is computed (one sync) and reset here once
+    per validation.
+    """
+
+    def __init__(self, figure_every_n_epochs: int = 1) -> None:
+        self.figure_every_n_epochs = max(1, figure_every_n_epochs)
+        self._best_val_acc: float | None = None
+
+    @staticmethod
+    def _classes(trainer: L.Trainer, num_classes: int) -> list[str]:
+        datamodule = trainer.datamodule
+        try:
+            classes = list(datamodule.classes) if datamodule is not None else []
+        except (AssertionError, AttributeError):  # not set up, or a DataModule without class names
+            classes = []
+        return classes if len(classes) == num_classes else [f"class_{k}" for k in range(num_classes)]
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metric = getattr(pl_module, "val_confusion", None)
+        if metric is None:
+            return
+        if trainer.sanity_checking or metric.update_count == 0:
+            metric.reset()
+            return
+        matrix = metric.compute().detach().cpu()
+        metric.reset()
+        classes = self._classes(trainer, matrix.shape[0])
+        totals = matrix.sum(dim=1)
+        for k, name in enumerate(classes):
+            if totals[k] > 0:
+                pl_module.log(f"val/acc_class/{name}", float(matrix[k, k] / totals[k]), sync_dist=False)
+        tensorboard = _tensorboard(trainer)
+        epoch = trainer.current_epoch
+        last_epoch = trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs
+        if tensorboard is None or not trainer.is_global_zero:
+            return
+        if (epoch + 1) % self.figure_every_n_epochs == 0 or last_epoch:
+            figure = confusion_figure(matrix, classes, f"Validation confusion matrix, epoch {epoch}")
+            tensorboard.experiment.add_figure("val/confusion_matrix", figure, global_step=trainer.global_step)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        datamodule = trainer.datamodule
+        num_classes = int(pl_module.hparams.get("num_classes", 0))
+        checkpoint["classes"] = self._classes(trainer, num_classes)
+        normalize = getattr(datamodule, "normalize", None)
+        if normalize is not None:
+            checkpoint["normalization"] = {
+                "mean": [float(v) for v in normalize.mean.flatten()],
+                "std": [float(v) for v in normalize.std.flatten()],
+            }
+
+    def _log_hparams(self, trainer: L.Trainer, pl_module: L.LightningModule, metrics: dict[str, float]) -> None:
+        tensorboard = _tensorboard(trainer)
+        if tensorboard is None or not trainer.is_global_zero or not metrics:
+            return
+        params: dict[str, Any] = dict(pl_module.hparams)
+        if trainer.datamodule is not None and hasattr(trainer.datamodule, "hparams"):
+            params.update({f"data/{k}": v for k, v in trainer.datamodule.hparams.items()})
+        tensorboard.log_hyperparams(params, metrics)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+        if best is None and "val/acc_best" in trainer.callback_metrics:
+            best = trainer.callback_metrics["val/acc_best"]
+        self._best_val_acc = float(best) if isinstance(best, torch.Tensor | float) else None
+        if self._best_val_acc is not None:
+            self._log_hparams(trainer, pl_module, {"hp/best_val_acc": self._best_val_acc})
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        test_acc = trainer.callback_metrics.get("test/acc")
+        if test_acc is None or self._best_val_acc is None:
+            return
+        # A second hparams record for the same run supersedes the first one in TensorBoard's hparams tab.
+        self._log_hparams(trainer, pl_module, {"hp/best_val_acc": self._best_val_acc, "hp/test_acc": float(test_acc)})

@@ -1,0 +1,126 @@
+"""``scripts/predict.py``: the top-k classes of image files of any size, from a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms.v2 import functional as TF
+
+from cifar_resnet.cli import OneLineErrorParser
+from cifar_resnet.data.sources import IMAGE_SIZE
+from cifar_resnet.errors import UserError
+from cifar_resnet.inference import auto_device, format_table, load_trained_model, predict_logits_and_probs
+from cifar_resnet.script_io import run_reporting_user_errors
+
+
+@dataclass
+class Prediction:
+    """The top-k classes of one image, most probable first."""
+
+    path: str
+    classes: list[str]
+    probs: list[float]
+
+
+def find_images(inputs: Sequence[str]) -> list[Path]:
+    """Files as given, and every image file under given folders (sorted, recursive)."""
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise UserError(f"{item}: no such file or directory")
+    if not found:
+        raise UserError(f"no image files ({', '.join(IMG_EXTENSIONS)}) in {', '.join(inputs)}")
+    return found
+
+
+def load_image(path: Path) -> tuple[torch.Tensor, bool]:
+    """A file as uint8 ``(3, 32, 32)`` RGB (antialiased resize), and whether that was a lossy downscale."""
+    try:
+        with Image.open(path) as img:
+            pixels = np.asarray(img.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's ways of saying "not an image I can read"
+        raise UserError(f"cannot decode image {path} ({err})") from err
+    image = torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+    h, w = image.shape[1:]
+    if (h, w) == (IMAGE_SIZE, IMAGE_SIZE):
+        return image, False
+    resized = TF.resize(image, [IMAGE_SIZE, IMAGE_SIZE], antialias=True)
+    return resized, h > IMAGE_SIZE or w > IMAGE_SIZE
+
+
+def predict_files(
+    ckpt_path: str | Path, inputs: Sequence[str], topk: int = 3, batch_size: int = 256
+) -> tuple[list[Prediction], list[Path]]:
+    """Top-k predictions for every image, batched; also the files that were downscaled (detail lost)."""
+    trained = load_trained_model(ckpt_path).to(auto_device())
+    paths = find_images(inputs)
+    k = max(1, min(topk, trained.num_classes))
+    predictions: list[Prediction] = []
+    downscaled: list[Path] = []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        loaded = [load_image(p) for p in chunk]
+        downscaled += [p for p, (_, lossy) in zip(chunk, loaded, strict=True) if lossy]
+        _, probs = predict_logits_and_probs(trained, torch.stack([img for img, _ in loaded]), batch_size=batch_size)
+        top = probs.topk(k, dim=1)
+        for path, values, indices in zip(chunk, top.values.tolist(), top.indices.tolist(), strict=True):
+            predictions.append(Prediction(str(path), [trained.classes[i] for i in indices], values))
+    return predictions, downscaled
+
+
+def format_predictions(predictions: Sequence[Prediction]) -> str:
+    k = max(len(p.classes) for p in predictions)
+    header = ["image"] + [f"top-{i + 1}" for i in range(k)]
+    rows = [[p.path] + [f"{c} {v:.3f}" for c, v in zip(p.classes, p.probs, strict=True)] for p in predictions]
+    return format_table(header, rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineErrorParser(
+        prog="predict.py",
+        description="Top-k classes with probabilities for image files (any size; resized to 32x32).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--ckpt_path", required=True, help="a checkpoint written by fit.py")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
+    p.add_argument("--topk", type=int, default=3, help="classes shown per image")
+    p.add_argument("--batch_size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def predict_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``scripts/predict.py``."""
+    args = build_parser().parse_args(argv)
+
+    def work() -> int:
+        if args.topk < 1 or args.batch_size < 1:
+            raise UserError("--topk and --batch_size must be at least 1")
+        predictions, downscaled = predict_files(args.ckpt_path, args.inputs, args.topk, args.batch_size)
+        if downscaled:
+            print(
+                f"predict.py: warning: {len(downscaled)} of {len(predictions)} images are larger than "
+                f"{IMAGE_SIZE}x{IMAGE_SIZE} and were downscaled, losing detail (first: {downscaled[0]})",
+                file=sys.stderr,
+            )
+        if args.json:
+            print(json.dumps([p.__dict__ for p in predictions], indent=2))
+        else:
+            print(format_predictions(predictions))
+        return 0
+
+    return run_reporting_user_errors("predict.py", work)

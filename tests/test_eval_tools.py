@@ -1,0 +1,221 @@
+"""After training: test.py, predict.py, export.py, plot.py, --describe_data and what fit writes to TensorBoard."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cifar_resnet import evaluate
+from cifar_resnet.cli import fit_main
+from cifar_resnet.curves import plot_run
+from cifar_resnet.data import CIFAR10_MEAN, CIFAR10_STD, Normalize
+from cifar_resnet.data.sources import load_image_folder
+from cifar_resnet.errors import UserError
+from cifar_resnet.export import ONNX_MISSING, export_checkpoint, reload_outputs
+from cifar_resnet.inference import load_trained_model
+from cifar_resnet.models import create_model
+from cifar_resnet.predict import predict_files
+from tests.conftest import REPO_ROOT, make_image_folder
+from tests.test_fit import fit, fit_args, scalars
+
+TEST_IMAGES = 13  # 5 + 5 + 3: odd-sized and unbalanced, so nothing can be dropped or padded unnoticed
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """One tiny 2-epoch fit serves every test here: its data folder, run folder and best checkpoint."""
+    root = tmp_path_factory.mktemp("eval")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CUDA_VISIBLE_DEVICES", "")
+        mp.setenv("CIFAR_RESNET_CACHE", str(root / "cache"))
+        data = make_image_folder(root / "data", per_class={"train": 12, "test": 5})
+        for name in ("0003.png", "0004.png"):
+            (data / "test" / "class_2" / name).unlink()
+        result = fit(*fit_args(data, root / "logs", "--max_epochs", "2"))
+        yield {"data": data, "run_dir": Path(result["run_dir"]), "ckpt": Path(result["best_checkpoint"])}
+
+
+def _by_hand(ckpt: Path, images: torch.Tensor) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The checkpoint's backbone built without Lightning, and its logits on normalised uint8 images."""
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    hp = checkpoint["hyper_parameters"]
+    model = create_model(hp["arch"], num_classes=hp["num_classes"]).eval()
+    model.load_state_dict(
+        {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    )
+    with torch.inference_mode():
+        return model, model(Normalize(CIFAR10_MEAN, CIFAR10_STD)(images))
+
+
+def _test_args(*argv: str) -> evaluate.argparse.Namespace:
+    return evaluate.build_parser().parse_args(list(argv))
+
+
+def test_test_counts_every_image_and_matches_a_hand_evaluation(trained: dict[str, Path], tmp_path: Path) -> None:
+    result, out = evaluate.run_test(_test_args("--ckpt_path", str(trained["ckpt"]), "--out", str(tmp_path / "ev")))
+    split = load_image_folder(trained["data"] / "test", None)
+    _, logits = _by_hand(trained["ckpt"], split.images)
+    assert result.count == TEST_IMAGES == len(split)
+    assert result.top1 == pytest.approx(float((logits.argmax(1) == split.labels).float().mean()))
+    assert result.loss == pytest.approx(float(F.cross_entropy(logits, split.labels)), rel=1e-5)
+    assert result.top5 == 1.0  # top-3 of 3 classes
+    assert 0.0 <= result.ece <= 1.0
+
+    assert int(result.confusion.sum()) == TEST_IMAGES
+    assert result.confusion.sum(dim=1).tolist() == [5, 5, 3] == result.per_class_count
+    diagonal = (result.confusion.diag() / result.confusion.sum(dim=1)).tolist()
+    assert diagonal == pytest.approx(result.per_class_acc)
+
+    assert out == tmp_path / "ev"
+    for name in ("metrics.json", "per_class.csv", "confusion_matrix.csv", "confusion_matrix.png", "misclassified.png",
+                 "predictions.csv", "report.txt"):  # fmt: skip
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["images"] == TEST_IMAGES and saved["top1_acc"] == pytest.approx(result.top1)
+    rows = (out / "confusion_matrix.csv").read_text().splitlines()
+    assert rows[0] == "true \\ predicted,class_0,class_1,class_2"
+    assert sum(int(v) for row in rows[1:] for v in row.split(",")[1:]) == TEST_IMAGES
+    assert len((out / "predictions.csv").read_text().splitlines()) == TEST_IMAGES + 1
+
+
+def test_default_report_folder_sits_beside_the_checkpoints(trained: dict[str, Path]) -> None:
+    out = evaluate.default_out_dir(trained["ckpt"], "test", tta=False)
+    assert out == trained["run_dir"].resolve() / f"eval-{trained['ckpt'].stem}"
+    assert evaluate.default_out_dir(trained["ckpt"], "val", tta=True).name.endswith("-val-tta")
+
+
+def test_tta_averages_the_softmax_of_the_image_and_its_mirror(trained: dict[str, Path], tmp_path: Path) -> None:
+    args = ("--ckpt_path", str(trained["ckpt"]), "--out", str(tmp_path / "tta"), "--tta")
+    result, _ = evaluate.run_test(_test_args(*args))
+    split = load_image_folder(trained["data"] / "test", None)
+    model, logits = _by_hand(trained["ckpt"], split.images)
+    with torch.inference_mode():
+        mirrored = model(Normalize(CIFAR10_MEAN, CIFAR10_STD)(split.images.flip(3)))
+    expected = (logits.softmax(1) + mirrored.softmax(1)) / 2
+    assert result.tta and result.count == TEST_IMAGES
+    assert torch.allclose(result.probs, expected, atol=1e-6)
+    assert not torch.allclose(result.probs, logits.softmax(1), atol=1e-6), "the mirror changes the prediction"
+    assert result.top1 == pytest.approx(float((expected.argmax(1) == split.labels).float().mean()))
+
+
+def test_data_without_a_test_split_points_to_split_val(trained: dict[str, Path], tmp_path: Path) -> None:
+    train_only = make_image_folder(tmp_path / "train_only", per_class={"train": 12})
+    args = ["--ckpt_path", str(trained["ckpt"]), "--data_dir", str(train_only), "--out", str(tmp_path / "v")]
+    with pytest.raises(UserError, match=r"no test split.*--split val"):
+        evaluate.run_test(_test_args(*args))
+    result, _ = evaluate.run_test(_test_args(*args, "--split", "val"))
+    assert result.split == "val" and result.count == 6  # the checkpoint's --val_size, same seed
+
+
+def test_predict_resizes_any_image_and_returns_sorted_probabilities(trained: dict[str, Path], tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(folder / "wide.png")
+    Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(folder / "small.jpg")
+    single = tmp_path / "gray.png"
+    Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(single)
+    predictions, downscaled = predict_files(trained["ckpt"], [str(folder), str(single)], topk=3, batch_size=2)
+    assert [Path(p.path).name for p in predictions] == ["small.jpg", "wide.png", "gray.png"]
+    assert downscaled == [folder / "wide.png"], "only the larger image loses detail"
+    for p in predictions:
+        assert len(p.probs) == 3 and sorted(p.probs, reverse=True) == p.probs
+        assert sum(p.probs) == pytest.approx(1.0, abs=1e-5) and all(0 <= v <= 1 for v in p.probs)
+        assert sorted(p.classes) == ["class_0", "class_1", "class_2"]
+    top1, _ = predict_files(trained["ckpt"], [str(single)], topk=1)
+    assert top1[0].classes == predictions[2].classes[:1]
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "state_dict"])
+def test_export_reloads_without_lightning_and_matches(trained: dict[str, Path], tmp_path: Path, fmt: str) -> None:
+    path, check = export_checkpoint(trained["ckpt"], fmt, tmp_path / f"model.{fmt}")
+    assert check.startswith("verified")
+    inputs = torch.randn(3, 3, 32, 32)
+    model, _ = _by_hand(trained["ckpt"], torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    with torch.inference_mode():
+        expected = model(inputs)
+    assert torch.allclose(reload_outputs(fmt, path, inputs), expected, atol=1e-5)
+    meta = json.loads(Path(f"{path}.json").read_text())
+    assert meta["classes"] == ["class_0", "class_1", "class_2"] and meta["mean"] == pytest.approx(CIFAR10_MEAN)
+    if fmt == "state_dict":
+        saved = torch.load(path, weights_only=True)
+        assert saved["arch"] == "resnet20" and saved["std"] == pytest.approx(CIFAR10_STD)
+        assert not any(k.startswith(("model.", "module.", "_orig_mod.")) for k in saved["state_dict"])
+
+
+def test_export_onnx(trained: dict[str, Path], tmp_path: Path) -> None:
+    if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxscript") is None:
+        with pytest.raises(UserError, match=r"pip install -e \.\[onnx\]") as err:
+            export_checkpoint(trained["ckpt"], "onnx", tmp_path / "m.onnx")
+        assert str(err.value) == ONNX_MISSING
+        pytest.skip("onnx/onnxscript not installed: checked the clear error instead of an export")
+    path, check = export_checkpoint(trained["ckpt"], "onnx", tmp_path / "m.onnx")
+    if importlib.util.find_spec("onnxruntime") is None:
+        pytest.skip(f"onnxruntime not installed: exported {path} but could not run it ({check})")
+    assert check.startswith("verified")
+
+
+def test_plot_writes_curves_from_all_event_files(trained: dict[str, Path], tmp_path: Path) -> None:
+    written = plot_run(trained["run_dir"], tmp_path / "plots")
+    assert sorted(p.name for p in written) == ["accuracy.png", "loss.png", "lr.png"]
+    for path in written:
+        with Image.open(path) as img:
+            assert img.format == "PNG" and img.width > 300 and img.height > 200
+
+
+def test_fit_logs_confusion_matrix_per_class_accuracy_and_final_hparams(trained: dict[str, Path]) -> None:
+    series = scalars(trained["run_dir"])
+    for name in ("class_0", "class_1", "class_2"):
+        assert len(series[f"val/acc_class/{name}"]) == 2, "one value per validation epoch"
+    assert "hp/best_val_acc" in series and "hp/test_acc" in series
+    assert series["hp/test_acc"][-1][1] == pytest.approx(series["test/acc"][-1][1])
+    acc = EventAccumulator(str(trained["run_dir"]), size_guidance={"images": 0})
+    acc.Reload()
+    images = acc.Images("val/confusion_matrix")
+    assert len(images) == 2 and images[0].width > 200
+    checkpoint = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)
+    assert checkpoint["classes"] == ["class_0", "class_1", "class_2"]
+    assert load_trained_model(trained["ckpt"]).classes == ("class_0", "class_1", "class_2")
+
+
+def test_describe_data_prints_counts_that_add_up(trained: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    logs = trained["data"].parent / "describe-logs"
+    assert fit_main([*fit_args(trained["data"], logs), "--describe_data"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {
+        line.split()[0]: [int(v) for v in line.split()[1:]] for line in lines if line.startswith(("class_", "total"))
+    }
+    assert rows["total"] == [30, 6, TEST_IMAGES]
+    assert [sum(col) for col in zip(*(rows[f"class_{k}"] for k in range(3)), strict=True)] == rows["total"]
+    assert any(line.strip().startswith("mean") for line in lines) and not logs.exists(), "nothing trained"
+
+
+def test_scripts_report_a_missing_checkpoint_on_one_line(tmp_path: Path) -> None:
+    missing = str(tmp_path / "missing.ckpt")
+    commands = {
+        "test.py": ["--ckpt_path", missing],
+        "predict.py": ["--ckpt_path", missing, str(tmp_path)],
+        "export.py": ["--ckpt_path", missing, "--format", "state_dict"],
+        "plot.py": [str(tmp_path / "no_run")],
+    }
+    procs = {
+        name: subprocess.Popen([sys.executable, str(REPO_ROOT / "scripts" / name), *argv], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, argv in commands.items()
+    }  # fmt: skip
+    for name, proc in procs.items():
+        _, stderr = proc.communicate(timeout=120)
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2, (name, stderr)
+        assert len(lines) == 1 and lines[0].startswith(f"{name}: error: ") and "Traceback" not in stderr, stderr
