@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -159,9 +160,11 @@ def test_export_onnx(trained: dict[str, Path], tmp_path: Path) -> None:
         with pytest.raises(UserError, match=r"pip install -e \.\[onnx\]") as err:
             export_checkpoint(trained["ckpt"], "onnx", tmp_path / "m.onnx")
         assert str(err.value) == ONNX_MISSING
+        if os.environ.get("CI"):
+            pytest.fail("CI installs the onnx extra; the ONNX export must be checked there")
         pytest.skip("onnx/onnxscript not installed: checked the clear error instead of an export")
     path, check = export_checkpoint(trained["ckpt"], "onnx", tmp_path / "m.onnx")
-    if importlib.util.find_spec("onnxruntime") is None:
+    if importlib.util.find_spec("onnxruntime") is None and not os.environ.get("CI"):
         pytest.skip(f"onnxruntime not installed: exported {path} but could not run it ({check})")
     assert check.startswith("verified")
 
