@@ -12,9 +12,11 @@ from typing import Any, NoReturn
 import lightning as L
 
 from cifar_resnet.data import CIFARDataModule
+from cifar_resnet.data.sources import check_data_dir
 from cifar_resnet.errors import UserError
 from cifar_resnet.models import list_models
 from cifar_resnet.module import ImageClassifier
+from cifar_resnet.reliability import TrainingInterruptedError
 from cifar_resnet.runs import checkpoint_hparams, find_last_checkpoint, read_checkpoint, run_location_of
 from cifar_resnet.trainer import TrainerSettings, build_trainer, run_dir
 
@@ -62,6 +64,9 @@ def _fraction_or_count(text: str) -> float | int:
     return int(value) if value > 1 or ("." not in text and "e" not in text.lower()) else value
 
 
+DEFAULT_DATA_DIR = "./data"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every flag of ``scripts/fit.py`` with its default."""
     p = OneLineErrorParser(
@@ -96,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = p.add_argument_group("data")
     data.add_argument(
         "--data_dir",
-        default="./data",
+        default=DEFAULT_DATA_DIR,
         help="DIR/train/<class>/*.png|jpg (optional DIR/test/...) or torchvision's CIFAR-10 in DIR",
     )
     data.add_argument(
@@ -173,6 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="write step-level scalars (loss, lr) every N optimizer steps",
     )
     run.add_argument("--no_test", action="store_true", help="skip the final test-split evaluation")
+    run.add_argument(
+        "--ckpt_every_n_steps",
+        type=_positive_int,
+        default=None,
+        help="also rewrite last.ckpt every N optimizer steps, so a kill mid-epoch loses at most N steps",
+    )
+    run.add_argument(
+        "--max_nonfinite_steps",
+        type=_positive_int,
+        default=3,
+        help="stop after this many consecutive NaN/inf training losses",
+    )
     return p
 
 
@@ -199,6 +216,7 @@ def _best_epoch(best_path: str) -> int | None:
 def run_fit(args: argparse.Namespace) -> dict[str, Any]:
     """Train, select the best checkpoint on validation, test it once, and return the headline numbers."""
     ckpt_path, stored = _resolve_resume(args)
+    check_data_dir(args.data_dir, may_download=args.data_dir == DEFAULT_DATA_DIR)
     L.seed_everything(args.seed, workers=True, verbose=False)
     datamodule = CIFARDataModule(
         data_dir=args.data_dir,
@@ -245,6 +263,8 @@ def run_fit(args: argparse.Namespace) -> dict[str, Any]:
         fast_dev_run=args.fast_dev_run,
         progress=args.progress,
         log_every_n_steps=args.log_every_n_steps,
+        ckpt_every_n_steps=args.ckpt_every_n_steps,
+        max_nonfinite_steps=args.max_nonfinite_steps,
         resume_location=run_location_of(ckpt_path) if ckpt_path else None,
         run_arguments={**vars(args), "ckpt_path": str(ckpt_path) if ckpt_path else None},
     )
@@ -296,5 +316,9 @@ def fit_main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         print(f"fit.py: error: {err}", file=sys.stderr)
         return 2
+    except TrainingInterruptedError as stop:
+        where = f"; resume with: python scripts/fit.py --arch {args.arch} --ckpt_path {stop.checkpoint}"
+        print(f"fit.py: {stop}, checkpoint written{where}", file=sys.stderr, flush=True)
+        return stop.exit_code
     _report(result, args)
     return 0
