@@ -17,7 +17,13 @@ from cifar_resnet.errors import UserError
 from cifar_resnet.models import list_models
 from cifar_resnet.module import ImageClassifier
 from cifar_resnet.reliability import TrainingInterruptedError
-from cifar_resnet.runs import checkpoint_hparams, find_last_checkpoint, read_checkpoint, run_location_of
+from cifar_resnet.runs import (
+    checkpoint_hparams,
+    completed_epochs,
+    find_last_checkpoint,
+    read_checkpoint,
+    run_location_of,
+)
 from cifar_resnet.trainer import TrainerSettings, build_trainer, run_dir
 
 
@@ -194,11 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve_resume(args: argparse.Namespace) -> tuple[Path | None, dict[str, Any]]:
-    """The checkpoint to resume from (``last`` resolved) and its stored hyperparameters; checks the arch."""
+    """The checkpoint to resume from (``last`` resolved) and its stored hyperparameters; checks the arch.
+
+    ``hparams["_epochs_done"]`` is the number of epochs the checkpoint has fully trained.
+    """
     if args.ckpt_path is None:
         return None, {}
     path = find_last_checkpoint(args.log_dir, args.arch) if args.ckpt_path == "last" else Path(args.ckpt_path)
-    hparams = checkpoint_hparams(read_checkpoint(path))
+    checkpoint = read_checkpoint(path)
+    hparams = checkpoint_hparams(checkpoint)
+    hparams["_epochs_done"] = completed_epochs(checkpoint)
     stored_arch = hparams.get("arch")
     if stored_arch is not None and stored_arch != args.arch:
         raise UserError(
@@ -216,6 +227,13 @@ def _best_epoch(best_path: str) -> int | None:
 def run_fit(args: argparse.Namespace) -> dict[str, Any]:
     """Train, select the best checkpoint on validation, test it once, and return the headline numbers."""
     ckpt_path, stored = _resolve_resume(args)
+    if ckpt_path is not None and stored["_epochs_done"] >= args.max_epochs:
+        print(
+            f"{ckpt_path} has already trained {stored['_epochs_done']} epochs (--max_epochs {args.max_epochs}): "
+            "the run is finished, nothing to do; raise --max_epochs to train longer",
+            flush=True,
+        )
+        return {"finished_already": True}
     check_data_dir(args.data_dir, may_download=args.data_dir == DEFAULT_DATA_DIR)
     L.seed_everything(args.seed, workers=True, verbose=False)
     datamodule = CIFARDataModule(
@@ -313,6 +331,8 @@ def fit_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = run_fit(args)
+        if result.get("finished_already"):
+            return 0
     except UserError as err:
         print(f"fit.py: error: {err}", file=sys.stderr)
         return 2

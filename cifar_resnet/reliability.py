@@ -178,17 +178,17 @@ class DivergenceStop(Callback):
             return
         assert self._start is not None and self._tripped is not None
         bad = ~torch.isfinite(loss.detach())
-        step = trainer.global_step  # already counts this step's optimizer update
+        step = trainer.global_step - 1  # 0-based index of the step just taken (global_step already counts it)
         self._run = torch.where(bad, self._run + 1, torch.zeros_like(self._run))
         self._start = torch.where(bad & (self._run == 1), torch.full_like(self._start, step), self._start)
         newly = (self._run >= self.max_nonfinite) & (self._tripped < 0)
         self._tripped = torch.where(newly, self._start, self._tripped)
-        if step % self.max_nonfinite == 0 or batch_idx + 1 == trainer.num_training_batches:
+        if (step + 1) % self.max_nonfinite == 0 or batch_idx + 1 == trainer.num_training_batches:
             first = int(self._tripped)  # the one host sync, every max_nonfinite steps
             if first >= 0:
                 lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
                 raise NonFiniteWeightsError(
-                    f"training diverged: {self.max_nonfinite} consecutive non-finite losses from step {first} "
+                    f"training diverged: {self.max_nonfinite} consecutive non-finite losses from training step {first} "
                     f"(lr then {lr:.3g}); no checkpoint was written after it; lower --lr (or raise "
                     "--warmup_epochs) and resume from the last checkpoint or start again"
                 )
