@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cifar_resnet.data import CIFARDataModule
 from cifar_resnet.data.sources import check_data_dir
 from cifar_resnet.errors import UserError
 from cifar_resnet.models import list_models
 from cifar_resnet.module import ImageClassifier
-from cifar_resnet.reliability import TrainingInterruptedError
+from cifar_resnet.reliability import TrainingInterruptedError, sigterm_stop
 from cifar_resnet.runs import (
     checkpoint_hparams,
     completed_epochs,
@@ -287,7 +288,10 @@ def run_fit(args: argparse.Namespace) -> dict[str, Any]:
         run_arguments={**vars(args), "ckpt_path": str(ckpt_path) if ckpt_path else None},
     )
     trainer, checkpoints = build_trainer(settings)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    except SIGTERMException as stop:  # outside a training batch; the checkpoint is written on the way out
+        raise sigterm_stop(trainer) from stop
 
     result: dict[str, Any] = {"run_dir": str(run_dir(trainer)) if run_dir(trainer) else None}
     if args.fast_dev_run:

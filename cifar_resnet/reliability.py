@@ -59,12 +59,18 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def non_finite_tensors(state_dict: dict[str, Any]) -> list[str]:
-    """Names of floating-point tensors in ``state_dict`` holding NaN or infinity."""
+def non_finite_tensors(state_dict: dict[str, Any], prefix: str = "model.") -> list[str]:
+    """Names of floating-point tensors under ``prefix`` (the network's weights and buffers) holding NaN or inf.
+
+    Metric states are left out: a running maximum legitimately starts at -inf.
+    """
     return [
         name
         for name, value in state_dict.items()
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())
+        if name.startswith(prefix)
+        and isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+        and not bool(torch.isfinite(value).all())
     ]
 
 
@@ -251,3 +257,9 @@ class GracefulInterrupt(Callback):
             target = self._target(trainer)
             trainer.save_checkpoint(target)
             self.saved = target
+
+
+def sigterm_stop(trainer: L.Trainer) -> TrainingInterruptedError:
+    """The error for a SIGTERM that Lightning turned into SIGTERMException (a SystemExit that exits 0)."""
+    saved = next((cb.saved for cb in trainer.callbacks if isinstance(cb, GracefulInterrupt)), None)
+    return TrainingInterruptedError(signal.SIGTERM, saved)
