@@ -333,3 +333,37 @@ def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_folder: Path
         lines = [line for line in proc.stderr.splitlines() if line.startswith("fit.py")]  # not Lightning's info
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert len(lines) == 1 and expected in lines[0], proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------- 8
+
+
+def test_two_process_ddp_trains_validates_like_one_process_and_resumes_on_one(tiny_folder: Path, tmp_path: Path):
+    import lightning as L
+
+    from cifar_resnet.data import CIFARDataModule
+
+    logs = tmp_path / "logs"
+    args = fit_args(tiny_folder, logs, "--max_epochs", "1", "--no_test", "--eval_batch_size", "4")
+    ddp = [*args, "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
+    env = {**_env(tmp_path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, FIT, *ddp], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=180)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt"
+    ckpt = _load(last)
+    ddp_acc = next(v["best_model_score"] for k, v in ckpt["callbacks"].items() if "val/acc" in k)
+
+    # The same weights evaluated by one process: every validation image counted once either way.
+    model = ImageClassifier(**ckpt["hyper_parameters"])
+    model.load_state_dict(ckpt["state_dict"])
+    data = CIFARDataModule(str(tiny_folder), batch_size=8, eval_batch_size=4, val_size=6, data_seed=0)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    single = trainer.validate(model, datamodule=data, verbose=False)[0]["val/acc"]
+    assert float(single) == pytest.approx(float(ddp_acc), abs=1e-6)
+
+    # The DDP checkpoint resumes on one process (2 processes x 1 step an epoch, then 3 steps an epoch).
+    args[args.index("--max_epochs") + 1] = "2"
+    fit(*args, "--ckpt_path", str(last))
+    resumed = _load(last)
+    assert (resumed["epoch"], resumed["global_step"]) == (1, ckpt["global_step"] + 3)
