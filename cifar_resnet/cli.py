@@ -10,13 +10,22 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cifar_resnet.data import CIFARDataModule
 from cifar_resnet.data.stats import describe_data
+from cifar_resnet.data.sources import check_data_dir
 from cifar_resnet.errors import UserError
 from cifar_resnet.models import list_models
 from cifar_resnet.module import ImageClassifier
-from cifar_resnet.runs import checkpoint_hparams, find_last_checkpoint, read_checkpoint, run_location_of
+from cifar_resnet.reliability import TrainingInterruptedError, sigterm_stop
+from cifar_resnet.runs import (
+    checkpoint_hparams,
+    completed_epochs,
+    find_last_checkpoint,
+    read_checkpoint,
+    run_location_of,
+)
 from cifar_resnet.trainer import TrainerSettings, build_trainer, run_dir
 
 
@@ -63,6 +72,9 @@ def _fraction_or_count(text: str) -> float | int:
     return int(value) if value > 1 or ("." not in text and "e" not in text.lower()) else value
 
 
+DEFAULT_DATA_DIR = "./data"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every flag of ``scripts/fit.py`` with its default."""
     p = OneLineErrorParser(
@@ -97,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = p.add_argument_group("data")
     data.add_argument(
         "--data_dir",
-        default="./data",
+        default=DEFAULT_DATA_DIR,
         help="DIR/train/<class>/*.png|jpg (optional DIR/test/...) or torchvision's CIFAR-10 in DIR",
     )
     data.add_argument(
@@ -199,15 +211,32 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print per-class counts of each split and the training split's mean/std, then exit",
     )
+    run.add_argument(
+        "--ckpt_every_n_steps",
+        type=_positive_int,
+        default=None,
+        help="also rewrite last.ckpt every N optimizer steps, so a kill mid-epoch loses at most N steps",
+    )
+    run.add_argument(
+        "--max_nonfinite_steps",
+        type=_positive_int,
+        default=3,
+        help="stop after this many consecutive NaN/inf training losses",
+    )
     return p
 
 
 def _resolve_resume(args: argparse.Namespace) -> tuple[Path | None, dict[str, Any]]:
-    """The checkpoint to resume from (``last`` resolved) and its stored hyperparameters; checks the arch."""
+    """The checkpoint to resume from (``last`` resolved) and its stored hyperparameters; checks the arch.
+
+    ``hparams["_epochs_done"]`` is the number of epochs the checkpoint has fully trained.
+    """
     if args.ckpt_path is None:
         return None, {}
     path = find_last_checkpoint(args.log_dir, args.arch) if args.ckpt_path == "last" else Path(args.ckpt_path)
-    hparams = checkpoint_hparams(read_checkpoint(path))
+    checkpoint = read_checkpoint(path)
+    hparams = checkpoint_hparams(checkpoint)
+    hparams["_epochs_done"] = completed_epochs(checkpoint)
     stored_arch = hparams.get("arch")
     if stored_arch is not None and stored_arch != args.arch:
         raise UserError(
@@ -225,6 +254,14 @@ def _best_epoch(best_path: str) -> int | None:
 def run_fit(args: argparse.Namespace) -> dict[str, Any]:
     """Train, select the best checkpoint on validation, test it once, and return the headline numbers."""
     ckpt_path, stored = _resolve_resume(args)
+    if ckpt_path is not None and stored["_epochs_done"] >= args.max_epochs:
+        print(
+            f"{ckpt_path} has already trained {stored['_epochs_done']} epochs (--max_epochs {args.max_epochs}): "
+            "the run is finished, nothing to do; raise --max_epochs to train longer",
+            flush=True,
+        )
+        return {"finished_already": True}
+    check_data_dir(args.data_dir, may_download=args.data_dir == DEFAULT_DATA_DIR)
     L.seed_everything(args.seed, workers=True, verbose=False)
     datamodule = CIFARDataModule(
         data_dir=args.data_dir,
@@ -278,11 +315,16 @@ def run_fit(args: argparse.Namespace) -> dict[str, Any]:
         progress=args.progress,
         log_every_n_steps=args.log_every_n_steps,
         confusion_every_n_epochs=args.confusion_every_n_epochs,
+        ckpt_every_n_steps=args.ckpt_every_n_steps,
+        max_nonfinite_steps=args.max_nonfinite_steps,
         resume_location=run_location_of(ckpt_path) if ckpt_path else None,
         run_arguments={**vars(args), "ckpt_path": str(ckpt_path) if ckpt_path else None},
     )
     trainer, checkpoints = build_trainer(settings)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    except SIGTERMException as stop:  # outside a training batch; the checkpoint is written on the way out
+        raise sigterm_stop(trainer) from stop
 
     result: dict[str, Any] = {"run_dir": str(run_dir(trainer)) if run_dir(trainer) else None}
     if args.fast_dev_run:
@@ -326,9 +368,15 @@ def fit_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = run_fit(args)
+        if result.get("finished_already"):
+            return 0
     except UserError as err:
         print(f"fit.py: error: {err}", file=sys.stderr)
         return 2
+    except TrainingInterruptedError as stop:
+        where = f"; resume with: python scripts/fit.py --arch {args.arch} --ckpt_path {stop.checkpoint}"
+        print(f"fit.py: {stop}, checkpoint written{where}", file=sys.stderr, flush=True)
+        return stop.exit_code
     if not result.get("described_data"):
         _report(result, args)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,10 +13,13 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from cifar_resnet.callbacks import AugmentationPreview, EpochThroughput, LineProgress, SaveRunArguments
 from cifar_resnet.errors import UserError
 from cifar_resnet.eval_callbacks import ValidationReport
+from cifar_resnet.reliability import AtomicCheckpointIO, DivergenceStop, GracefulInterrupt, RNGState
 from cifar_resnet.runs import RunLocation
 
 BEST_CHECKPOINT_PATTERN = "best-epoch{epoch:03d}-val_acc{val/acc:.4f}"
@@ -38,6 +42,8 @@ def uses_cuda(accelerator: str) -> bool:
 
 def resolve_precision(precision: str, accelerator: str) -> str:
     """``auto``: bf16-mixed on GPUs that have bf16, 16-mixed on older CUDA GPUs, 32-true on the CPU."""
+    if precision.startswith("bf16") and uses_cuda(accelerator) and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--precision {precision}: this GPU has no bf16; use 16-mixed or 32-true")
     if precision != "auto":
         return precision
     if uses_cuda(accelerator):
@@ -63,6 +69,8 @@ class TrainerSettings:
     progress: str = "auto"  # auto | bar | lines | none
     log_every_n_steps: int = 50
     confusion_every_n_epochs: int = 1
+    ckpt_every_n_steps: int | None = None
+    max_nonfinite_steps: int = 3
     resume_location: RunLocation | None = None
     run_arguments: dict[str, Any] = field(default_factory=dict)
 
@@ -81,12 +89,19 @@ def _progress_callback(kind: str) -> Callback | None:
 def _parse_devices(devices: str) -> int | str | list[int]:
     if devices == "auto":
         return devices
-    if "," in devices:
-        return [int(d) for d in devices.split(",") if d.strip()]
     try:
-        return int(devices)
+        parsed: int | list[int] = [int(d) for d in devices.split(",") if d.strip()] if "," in devices else int(devices)
     except ValueError as err:
         raise UserError(f"--devices must be 'auto', a count or a comma list of ids, got {devices!r}") from err
+    if isinstance(parsed, int) and parsed < 1 and parsed != -1:
+        raise UserError(f"--devices must be a positive count, got {devices}")
+    return parsed
+
+
+def _check_devices(accelerator: str, devices: int | str | list[int]) -> None:
+    """CPU "devices" are processes; more than the machine's cores is a mistake, not a speed-up."""
+    if accelerator == "cpu" and isinstance(devices, int) and devices > (os.cpu_count() or 1):
+        raise UserError(f"--devices {devices} on the CPU, but this machine has {os.cpu_count()} cores")
 
 
 @dataclass(frozen=True)
@@ -121,15 +136,31 @@ def build_trainer(settings: TrainerSettings) -> tuple[L.Trainer, Checkpoints]:
     callbacks: list[Callback] = [
         checkpoints.best,
         checkpoints.last,
+        RNGState(),
+        DivergenceStop(settings.max_nonfinite_steps),
+        GracefulInterrupt(checkpoints.last),
         LearningRateMonitor(logging_interval="step"),
         EpochThroughput(),
         AugmentationPreview(),
         SaveRunArguments(settings.run_arguments),
         ValidationReport(settings.confusion_every_n_epochs),
     ]
+    if settings.ckpt_every_n_steps:
+        # Mid-epoch saves rewrite the same last.ckpt (a ModelCheckpoint saves per step or per epoch, not both).
+        callbacks.append(
+            ModelCheckpoint(
+                filename="last", every_n_train_steps=settings.ckpt_every_n_steps, enable_version_counter=False
+            )
+        )
     progress = _progress_callback(settings.progress)
     if progress is not None:
         callbacks.append(progress)
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        # Lightning saves an hpc checkpoint and requeues the job on SLURM's pre-emption signal.
+        plugins.append(SLURMEnvironment(auto_requeue=True))
+    devices = _parse_devices(settings.devices)
+    _check_devices(settings.accelerator, devices)
     precision = resolve_precision(settings.precision, settings.accelerator)
     if uses_cuda(settings.accelerator):
         torch.backends.cudnn.benchmark = not settings.deterministic
@@ -139,23 +170,29 @@ def build_trainer(settings: TrainerSettings) -> tuple[L.Trainer, Checkpoints]:
         optional["limit_train_batches"] = settings.limit_train_batches
     if settings.limit_val_batches is not None:
         optional["limit_val_batches"] = settings.limit_val_batches
-    trainer = L.Trainer(
-        accelerator=settings.accelerator,
-        devices=_parse_devices(settings.devices),
-        strategy=settings.strategy,
-        precision=precision,
-        max_epochs=settings.max_epochs,
-        logger=logger,
-        callbacks=callbacks,
-        deterministic=settings.deterministic,
-        fast_dev_run=settings.fast_dev_run,
-        enable_progress_bar=progress is not None,
-        log_every_n_steps=settings.log_every_n_steps,
-        # The DataModule builds its own seeded samplers for every process count.
-        use_distributed_sampler=False,
-        enable_model_summary=False,
-        **optional,
-    )
+    try:
+        trainer = L.Trainer(
+            accelerator=settings.accelerator,
+            devices=devices,
+            strategy=settings.strategy,
+            precision=precision,
+            max_epochs=settings.max_epochs,
+            logger=logger,
+            callbacks=callbacks,
+            deterministic=settings.deterministic,
+            fast_dev_run=settings.fast_dev_run,
+            enable_progress_bar=progress is not None,
+            log_every_n_steps=settings.log_every_n_steps,
+            # The DataModule builds its own seeded samplers for every process count.
+            use_distributed_sampler=False,
+            enable_model_summary=False,
+            plugins=plugins,
+            **optional,
+        )
+    except (MisconfigurationException, ValueError, RuntimeError) as err:
+        # Lightning refuses impossible placements (16-mixed on the CPU, no GPU, too many devices) with these.
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot run on this machine: {reason}") from err
     return trainer, checkpoints
 
 

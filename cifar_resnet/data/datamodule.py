@@ -46,6 +46,25 @@ class TensorImageDataset(Dataset):
         return self.images[idx], self.labels[idx]
 
 
+class TrainerEpochSampler(DistributedSampler):
+    """A DistributedSampler that takes its epoch from the trainer whenever iteration starts.
+
+    Lightning calls ``set_epoch`` at each epoch start, but after a resume with persistent worker processes
+    the loader's iterator can be created (and its first batches prefetched) before that call, replaying
+    epoch 0's order (lightning #21938). Reading the epoch at ``__iter__`` closes that gap.
+    """
+
+    def __init__(self, dataset: Dataset, world: int, rank: int, seed: int, epoch_of: Any) -> None:
+        super().__init__(dataset, world, rank, shuffle=True, seed=seed, drop_last=True)
+        self.epoch_of = epoch_of
+
+    def __iter__(self) -> Any:
+        epoch = self.epoch_of()
+        if epoch is not None:
+            self.set_epoch(epoch)
+        return super().__iter__()
+
+
 def keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Collate for :class:`TensorImageDataset`: its ``__getitems__`` already returns a batch."""
     return batch
@@ -101,6 +120,7 @@ class CIFARDataModule(L.LightningDataModule):
         self._aug_gen = torch.Generator()
         self._aug_epoch: tuple[int, int] | None = None
         self._resident: dict[tuple[str, str], ImageSplit] = {}
+        self._resume_epoch = 0
 
     # ------------------------------------------------------------------ data
 
@@ -159,6 +179,24 @@ class CIFARDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
+    def _current_epoch(self) -> int | None:
+        """The epoch the next training iteration belongs to.
+
+        On resume Lightning creates the loader's iterator before it restores its loop counters, so the
+        epoch saved by :meth:`state_dict` is the floor until the loop catches up.
+        """
+        if self.trainer is None:
+            return None
+        return max(self.trainer.fit_loop.epoch_progress.current.processed, self._resume_epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        # Epochs whose training has finished: the epoch a resumed run starts (or continues) in.
+        processed = self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
+        return {"next_epoch": int(processed)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_epoch = int(state_dict.get("next_epoch", 0))
+
     def _loader(self, name: str) -> DataLoader:
         split: ImageSplit | None = getattr(self, f"{name}_split")
         train = name == "train"
@@ -179,7 +217,7 @@ class CIFARDataModule(L.LightningDataModule):
         # calls every epoch; one process is simply a world of one. Evaluation splits are not padded, so
         # every image counts exactly once however many processes share the work.
         sampler = (
-            DistributedSampler(dataset, world, rank, shuffle=True, seed=self.hparams.data_seed, drop_last=True)
+            TrainerEpochSampler(dataset, world, rank, self.hparams.data_seed, self._current_epoch)
             if train
             else UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
         )

@@ -76,6 +76,29 @@ def detect_source(data_dir: str | os.PathLike[str]) -> SourceKind:
     return "imagefolder" if (Path(data_dir) / "train").is_dir() else "cifar10"
 
 
+def check_data_dir(data_dir: str | os.PathLike[str], may_download: bool) -> None:
+    """Refuse a ``--data_dir`` that holds neither layout, before anything is downloaded or written.
+
+    CIFAR-10 is downloaded only where ``may_download`` (the default folder): a mistyped path should be an
+    error, not a 170 MB download into a new folder.
+    """
+    root = Path(data_dir)
+    if detect_source(root) == "imagefolder" or cifar10_files_present(root) or may_download:
+        return
+    if not root.exists():
+        raise UserError(f"--data_dir {root} does not exist")
+    if not root.is_dir():
+        raise UserError(f"--data_dir {root} is not a directory")
+    if (root / CIFAR10.base_folder).is_dir():
+        raise UserError(
+            f"--data_dir {root}: {CIFAR10.base_folder} lacks some CIFAR-10 batch files; copy all of them there"
+        )
+    what = "is empty" if not any(root.iterdir()) else "holds neither train/<class>/<image> nor CIFAR-10 files"
+    raise UserError(
+        f"--data_dir {root} {what}; expected {root}/train/<class>/*.png|jpg or {root}/{CIFAR10.base_folder}/"
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # torchvision CIFAR-10
 

@@ -1,0 +1,369 @@
+"""Nothing lost: kills and resumes, atomic checkpoints, write failures, divergence, bad input, finished runs."""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cifar_resnet import cli, reliability
+from cifar_resnet.module import ImageClassifier
+from cifar_resnet.reliability import AtomicCheckpointIO, CheckpointWriteError
+from tests.conftest import REPO_ROOT, make_image_folder
+from tests.test_fit import fit, fit_args
+
+pytestmark = pytest.mark.reliability
+
+FIT = str(REPO_ROOT / "scripts" / "fit.py")
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    # Two intra-op threads, as the in-process runs of conftest use: same thread count, same float sums.
+    return {**os.environ, "OMP_NUM_THREADS": "2", "CIFAR_RESNET_CACHE": str(tmp_path / "cache")}
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _poll_checkpoint(path: Path, proc: subprocess.Popen, ready, timeout: float = 120.0) -> dict:
+    """Load ``path`` whenever it changes until ``ready(ckpt)``; every version seen must load."""
+    deadline, seen = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"run ended early: {proc.communicate()}"
+        if path.is_file() and (stamp := path.stat().st_mtime_ns) != seen:
+            seen, ckpt = stamp, _load(path)  # never a partial file: os.replace of an fsynced temp file
+            if ready(ckpt):
+                return ckpt
+        time.sleep(0.01)
+    raise AssertionError(f"{path} never became ready")
+
+
+def _assert_same_training_state(a: dict, b: dict) -> None:
+    assert a["epoch"] == b["epoch"] and a["global_step"] == b["global_step"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    opt_a, opt_b = a["optimizer_states"][0], b["optimizer_states"][0]
+    assert opt_a["param_groups"] == opt_b["param_groups"]  # LR included
+    for idx, state in opt_a["state"].items():
+        assert torch.equal(state["momentum_buffer"], opt_b["state"][idx]["momentum_buffer"])
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+    best = [k for k in a["callbacks"] if "val/acc" in k]
+    assert a["callbacks"][best[0]]["best_model_score"] == b["callbacks"][best[0]]["best_model_score"]
+
+
+# ---------------------------------------------------------------------------------------------- 1 and 2
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_sigkill_after_an_epoch_then_resume_is_bitwise_identical(workers: str, tiny_folder: Path, tmp_path: Path):
+    common = ("--max_epochs", "3", "--no_test", "--seed", "5", "--num_workers", workers)
+    fit(*fit_args(tiny_folder, tmp_path / "whole", *common))
+    whole = _load(tmp_path / "whole" / "resnet20" / "version_0" / "checkpoints" / "last.ckpt")
+
+    logs = tmp_path / "killed"
+    last = logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen([sys.executable, FIT, *fit_args(tiny_folder, logs, *common)], env=_env(tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)  # fmt: skip
+    try:
+        killed_at = _poll_checkpoint(last, proc, lambda c: c["epoch"] >= 0)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert _load(last)["epoch"] < 2, "killed before the run finished"
+    fit(*fit_args(tiny_folder, logs, *common, "--ckpt_path", str(last)))
+    _assert_same_training_state(_load(last), whole)
+    assert killed_at["callbacks"]["RNGState"]["torch"].dtype == torch.uint8, "RNG state travels in the checkpoint"
+
+
+def test_sigkill_mid_epoch_resumes_to_the_same_step_and_epoch(tiny_folder: Path, tmp_path: Path):
+    common = ("--max_epochs", "3", "--no_test", "--ckpt_every_n_steps", "1")
+    logs = tmp_path / "logs"
+    last = logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt"
+    kill_step = random.Random().randint(1, 7)  # any step; 3 steps an epoch, 9 in all
+    proc = subprocess.Popen([sys.executable, FIT, *fit_args(tiny_folder, logs, *common)], env=_env(tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)  # fmt: skip
+    try:
+        _poll_checkpoint(last, proc, lambda c: c["global_step"] >= kill_step)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert _load(last)["global_step"] < 9, f"killed at step {kill_step}, before the end"
+    result = fit(*fit_args(tiny_folder, logs, *common, "--ckpt_path", str(last)))
+    final = _load(last)
+    assert (final["global_step"], final["epoch"]) == (9, 2), f"killed at step {kill_step}"
+    assert result["best_val_acc"] is not None
+    assert not list(last.parent.glob("*.tmp")), "no temp files left behind"
+
+
+# ---------------------------------------------------------------------------------------------- 4
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_ctrl_c_save_print_how_to_resume_and_exit_non_zero(
+    signum: int, code: int, tiny_folder: Path, tmp_path: Path
+):
+    logs = tmp_path / "logs"
+    last = logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt"
+    args = fit_args(tiny_folder, logs, "--max_epochs", "50", "--no_test", "--ckpt_every_n_steps", "2")
+    proc = subprocess.Popen([sys.executable, FIT, *args], env=_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)  # fmt: skip
+    try:
+        _poll_checkpoint(last, proc, lambda c: c["global_step"] >= 2)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err
+    assert "Traceback" not in err
+    name = signal.Signals(signum).name
+    assert f"fit.py: stopped by {name}, checkpoint written; resume with: python scripts/fit.py --arch resnet20 " \
+           f"--ckpt_path {last}" in err  # fmt: skip
+    saved = _load(last)
+    assert 2 <= saved["global_step"] < 150
+    if signum == signal.SIGTERM:  # and it resumes: the run finishes its 50 epochs from there
+        args[args.index("--max_epochs") + 1] = str(saved["epoch"] + 1)
+        fit(*args, "--ckpt_path", str(last))
+        assert _load(last)["global_step"] == 3 * (saved["epoch"] + 1)
+
+
+# ---------------------------------------------------------------------------------------------- 3
+
+
+def test_atomic_checkpoint_io_keeps_the_previous_file_on_write_errors(tmp_path: Path, monkeypatch):
+    io = AtomicCheckpointIO()
+    target = tmp_path / "ckpts" / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, target)
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(reliability.os, "fsync", full)
+    with pytest.raises(CheckpointWriteError, match=r"No space left on device.*previous last\.ckpt, if any, is intact"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 2}, target)
+    monkeypatch.undo()
+    assert torch.equal(io.load_checkpoint(target)["state_dict"]["w"], torch.ones(3))
+    assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"], "the temp file is removed"
+
+    target.parent.chmod(0o555)  # a read-only folder (root ignores permissions: then only ENOSPC is tested)
+    try:
+        if not os.access(target.parent, os.W_OK):
+            with pytest.raises(CheckpointWriteError, match="Permission denied"):
+                io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, target)
+    finally:
+        target.parent.chmod(0o755)
+    assert torch.equal(io.load_checkpoint(target)["state_dict"]["w"], torch.ones(3))
+
+
+def test_disk_full_during_a_fit_exits_2_with_one_line_and_keeps_last(
+    tiny_folder: Path, tmp_path: Path, monkeypatch, capsys
+):
+    logs = tmp_path / "logs"
+    real_fsync, calls = os.fsync, []
+
+    def fsync_fails_after_the_first_epoch(fd: int) -> None:
+        if ".ckpt." in os.readlink(f"/proc/self/fd/{fd}"):  # checkpoint temp files only, not caches or folders
+            calls.append(fd)
+            if len(calls) > 2:  # epoch 0 writes best and last; every later write fails
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(reliability.os, "fsync", fsync_fails_after_the_first_epoch)
+    code = cli.fit_main(fit_args(tiny_folder, logs, "--max_epochs", "3", "--no_test"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("fit.py: error: could not write checkpoint "), err
+    assert "No space left on device" in err[0]
+    ckpt_dir = logs / "resnet20" / "version_0" / "checkpoints"
+    assert _load(ckpt_dir / "last.ckpt")["epoch"] == 0
+    assert not list(ckpt_dir.glob(".*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------------- 5
+
+
+def test_nan_losses_stop_the_run_naming_the_step_and_no_nan_checkpoint_is_written(
+    tiny_folder: Path, tmp_path: Path, monkeypatch, capsys
+):
+    plain_loss = ImageClassifier._loss
+
+    def poisoned(self, logits, labels):  # from training step 4 on (epoch 1, batch 1) the loss is NaN
+        loss = plain_loss(self, logits, labels)
+        return loss * float("nan") if self.training and self.trainer.global_step >= 4 else loss
+
+    monkeypatch.setattr(ImageClassifier, "_loss", poisoned)
+    logs = tmp_path / "logs"
+    code = cli.fit_main(fit_args(tiny_folder, logs, "--max_epochs", "3", "--no_test", "--max_nonfinite_steps", "2"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "training diverged: 2 consecutive non-finite losses from training step 4" in err[0]
+    assert "lower --lr" in err[0]
+    last = _load(logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt")
+    assert last["epoch"] == 0 and not reliability.non_finite_tensors(last["state_dict"])
+
+    # With a patient limit the epoch-end save meets NaN weights: the checkpoint IO refuses them.
+    logs = tmp_path / "patient"
+    code = cli.fit_main(fit_args(tiny_folder, logs, "--max_epochs", "3", "--no_test", "--max_nonfinite_steps", "50"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "weights are not finite" in err[0] and "lower --lr" in err[0], err
+    last = _load(logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt")
+    assert last["epoch"] == 0 and not reliability.non_finite_tensors(last["state_dict"])
+
+
+# ---------------------------------------------------------------------------------------------- 6
+
+
+def test_config_drift_and_finished_runs(tiny_folder: Path, tmp_path: Path, capsys):
+    logs = tmp_path / "logs"
+    fit(*fit_args(tiny_folder, logs, "--max_epochs", "1", "--no_test"))
+    last = logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt"
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in last.parent.iterdir())
+    capsys.readouterr()
+
+    assert cli.fit_main(fit_args(tiny_folder, logs, "--max_epochs", "1", "--ckpt_path", str(last))) == 0
+    out = capsys.readouterr().out
+    assert "has already trained 1 epochs (--max_epochs 1): the run is finished, nothing to do" in out
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in last.parent.iterdir()) == before
+
+    four_classes = make_image_folder(tmp_path / "four", classes=4)
+    assert cli.fit_main(fit_args(four_classes, logs, "--max_epochs", "2", "--ckpt_path", str(last))) == 2
+    assert "has 3 classes but" in capsys.readouterr().err
+
+    # A longer --max_epochs extends the run: training continues from the next epoch.
+    fit(*fit_args(tiny_folder, logs, "--max_epochs", "2", "--no_test", "--ckpt_path", str(last)))
+    assert (_load(last)["epoch"], _load(last)["global_step"]) == (1, 6)
+
+
+# ---------------------------------------------------------------------------------------------- 7
+
+
+def _bad_inputs(tmp_path: Path, data: Path, ckpt: Path) -> list[tuple[list[str], str]]:
+    """(extra arguments, expected message fragment); each replaces a flag of fit_args or adds one."""
+    missing = tmp_path / "nowhere"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    (wrong / "notes.txt").write_text("hello")
+    corrupt = make_image_folder(tmp_path / "corrupt")
+    (corrupt / "train" / "class_0" / "0000.png").write_bytes(b"not a png")
+    notimage = make_image_folder(tmp_path / "notimage")
+    (notimage / "train" / "class_1" / "x.jpg").write_text("plain text")
+    cifar = tmp_path / "cifar" / "cifar-10-batches-py"
+    cifar.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (cifar / name).write_bytes(b"\x80\x04truncated")
+    (cifar / "batches.meta").write_bytes(pickle.dumps({"label_names": ["a"] * 10}))
+    text = tmp_path / "text.ckpt"
+    text.write_text("not a checkpoint")
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": np.random.default_rng(0)}, evil)  # needs unpickling code
+    return [
+        (["--arch", "resnet9000"], "argument --arch: invalid choice: 'resnet9000'"),
+        (["--max_epochs", "0"], "argument --max_epochs: must be a positive integer, got 0"),
+        (["--max_epochs", "-3"], "argument --max_epochs: must be a positive integer, got -3"),
+        (["--batch_size", "0"], "argument --batch_size: must be a positive integer, got 0"),
+        (["--lr", "-0.1"], "argument --lr: must be a positive number, got -0.1"),
+        (["--lr", "0"], "argument --lr: must be a positive number, got 0"),
+        (["--data_dir", str(missing)], f"--data_dir {missing} does not exist"),
+        (["--data_dir", str(empty)], f"--data_dir {empty} is empty"),
+        (["--data_dir", str(wrong)], f"--data_dir {wrong} holds neither train/<class>/<image> nor CIFAR-10 files"),
+        (["--data_dir", str(corrupt)], f"cannot decode image {corrupt}/train/class_0/0000.png"),
+        (["--data_dir", str(notimage)], f"cannot decode image {notimage}/train/class_1/x.jpg"),
+        (["--data_dir", str(cifar.parent)], f"CIFAR-10 files in {cifar} are unreadable"),
+        (["--ckpt_path", str(missing)], f"--ckpt_path {missing}: no such file"),
+        (["--ckpt_path", str(text)], f"--ckpt_path {text} is not a loadable checkpoint"),
+        (["--ckpt_path", str(truncated)], f"--ckpt_path {truncated} is not a loadable checkpoint"),
+        (["--ckpt_path", str(evil)], f"--ckpt_path {evil} is not a loadable checkpoint"),
+        (["--arch", "resnet32", "--ckpt_path", str(ckpt)], "was trained with --arch resnet20, not resnet32"),
+        (["--accelerator", "gpu"], "cannot run on this machine"),
+        (["--accelerator", "cpu", "--devices", "512"], "--devices 512 on the CPU, but this machine has"),
+        (["--devices", "0"], "--devices must be a positive count, got 0"),
+    ]
+
+
+def _with(base: list[str], extra: list[str]) -> list[str]:
+    args = list(base)
+    for flag, value in zip(extra[::2], extra[1::2], strict=True):
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    return args
+
+
+def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_folder: Path, tmp_path: Path, capsys):
+    logs = tmp_path / "logs"
+    fit(*fit_args(tiny_folder, logs, "--max_epochs", "1", "--no_test"))
+    ckpt = logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt"
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in logs.rglob("*") if p.is_file())
+    capsys.readouterr()
+    base = fit_args(tiny_folder, logs, "--max_epochs", "2", "--no_test")
+    cases = _bad_inputs(tmp_path, tiny_folder, ckpt)
+    failures = []
+    for extra, expected in cases:
+        try:
+            code = cli.fit_main(_with(base, extra))
+        except SystemExit as stop:  # argparse errors
+            code = stop.code
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        if code != 2 or len(err) != 1 or not err[0].startswith("fit.py: error: ") or expected not in err[0]:
+            failures.append((extra, code, err))
+    assert not failures, failures
+    # Images are decoded once the Trainer runs, so a corrupt one may leave a new, checkpoint-less version folder.
+    assert sorted((p, os.stat(p).st_mtime_ns) for p, _ in before) == before, "nothing overwritten"
+    assert {p.parent for p in logs.rglob("*.ckpt")} == {ckpt.parent}, "no checkpoint written elsewhere"
+
+    # Through the real script: one line, exit 2, no traceback.
+    for extra, expected in (cases[9], cases[15]):  # a corrupt image, a pickle payload
+        proc = subprocess.run([sys.executable, FIT, *_with(base, extra)], capture_output=True, text=True,
+                              env=_env(tmp_path), cwd=tmp_path, timeout=120)  # fmt: skip
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("fit.py")]  # not Lightning's info
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert len(lines) == 1 and expected in lines[0], proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------- 8
+
+
+def test_two_process_ddp_trains_validates_like_one_process_and_resumes_on_one(tiny_folder: Path, tmp_path: Path):
+    import lightning as L
+
+    from cifar_resnet.data import CIFARDataModule
+
+    logs = tmp_path / "logs"
+    args = fit_args(tiny_folder, logs, "--max_epochs", "1", "--no_test", "--eval_batch_size", "4")
+    ddp = [*args, "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
+    env = {**_env(tmp_path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, FIT, *ddp], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=180)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt"
+    ckpt = _load(last)
+    ddp_acc = next(v["best_model_score"] for k, v in ckpt["callbacks"].items() if "val/acc" in k)
+
+    # The same weights evaluated by one process: every validation image counted once either way.
+    model = ImageClassifier(**ckpt["hyper_parameters"])
+    model.load_state_dict(ckpt["state_dict"])
+    data = CIFARDataModule(str(tiny_folder), batch_size=8, eval_batch_size=4, val_size=6, data_seed=0)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    single = trainer.validate(model, datamodule=data, verbose=False)[0]["val/acc"]
+    assert float(single) == pytest.approx(float(ddp_acc), abs=1e-6)
+
+    # The DDP checkpoint resumes on one process (2 processes x 1 step an epoch, then 3 steps an epoch).
+    args[args.index("--max_epochs") + 1] = "2"
+    fit(*args, "--ckpt_path", str(last))
+    resumed = _load(last)
+    assert (resumed["epoch"], resumed["global_step"]) == (1, ckpt["global_step"] + 3)
