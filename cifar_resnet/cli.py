@@ -13,8 +13,8 @@ import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cifar_resnet.data import CIFARDataModule
-from cifar_resnet.data.stats import describe_data
 from cifar_resnet.data.sources import check_data_dir
+from cifar_resnet.data.stats import describe_data
 from cifar_resnet.errors import UserError
 from cifar_resnet.models import list_models
 from cifar_resnet.module import ImageClassifier
