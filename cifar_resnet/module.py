@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
@@ -125,6 +127,31 @@ class ImageClassifier(L.LightningModule):
         without = [p for p in self.parameters() if p.requires_grad and p.ndim <= 1]
         return [{"params": with_decay, "weight_decay": decay}, {"params": without, "weight_decay": 0.0}]
 
+    def on_train_start(self) -> None:
+        """Re-plan the cosine when a run resumes with another ``--max_epochs``.
+
+        The restored scheduler keeps the length it was planned with, and a cosine followed past its end
+        rises again. The remaining steps instead follow the cosine of the new length, as if the run had
+        started with it: the LR moves to that curve's value at the current step and decays to 0 at the new end.
+        """
+        scheduler = self.lr_schedulers()
+        cosine = scheduler._schedulers[-1] if isinstance(scheduler, SequentialLR) else scheduler
+        if not isinstance(cosine, CosineAnnealingLR) or cosine.T_max == self._cosine_steps:
+            return
+        previous, cosine.T_max = cosine.T_max, self._cosine_steps
+        step = max(cosine.last_epoch, 0)
+        if isinstance(scheduler, SequentialLR) and scheduler.last_epoch < scheduler._milestones[0]:
+            return  # still warming up: the cosine starts later with its new length
+        progress = math.cos(math.pi * min(step, cosine.T_max) / cosine.T_max)
+        for group, base_lr in zip(cosine.optimizer.param_groups, cosine.base_lrs, strict=True):
+            group["lr"] = cosine.eta_min + (base_lr - cosine.eta_min) * (1 + progress) / 2
+        cosine._last_lr = [group["lr"] for group in cosine.optimizer.param_groups]
+        rank_zero_info(
+            f"LR schedule re-planned for --max_epochs {self.trainer.max_epochs}: cosine over "
+            f"{cosine.T_max} steps (was {previous}); lr at step {self.trainer.global_step} is now "
+            f"{cosine._last_lr[0]:.4g}"
+        )
+
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         optimizer = torch.optim.SGD(
@@ -133,7 +160,8 @@ class ImageClassifier(L.LightningModule):
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
         warmup_steps = min(total_steps - 1, round(hp.warmup_epochs * steps_per_epoch))
-        cosine = CosineAnnealingLR(optimizer, T_max=total_steps - warmup_steps)
+        self._cosine_steps = total_steps - warmup_steps
+        cosine = CosineAnnealingLR(optimizer, T_max=self._cosine_steps)
         if warmup_steps > 0:
             # Step s of the warm-up runs at (s + 1) / warmup_steps of the peak, reaching it on the last one.
             warmup = LinearLR(

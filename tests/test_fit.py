@@ -172,3 +172,15 @@ def test_val_size_zero_validates_on_the_test_split(tiny_folder: Path, tmp_path: 
     result = fit(*args)
     assert result["test_selected_on_test"] is True
     assert result["test_acc"] == pytest.approx(result["best_val_acc"])
+
+
+def test_a_longer_max_epochs_on_resume_replans_the_cosine(tiny_folder: Path, tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    fit(*fit_args(tiny_folder, logs, "--max_epochs", "2", "--no_test"))
+    last = logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt"
+    fit(*fit_args(tiny_folder, logs, "--max_epochs", "4", "--no_test", "--ckpt_path", str(last)))
+    lrs = dict(scalars(logs / "resnet20" / "version_0")["train/lr"])
+    total = 12  # 3 steps an epoch, 4 epochs: the remaining steps follow the cosine of the new length
+    expected = {s: 0.025 * (1 + torch.cos(torch.tensor(torch.pi * s / total))).item() for s in range(6, total)}
+    assert [lrs[s] for s in range(6, total)] == pytest.approx(list(expected.values()), rel=1e-5)
+    assert all(a > b for a, b in itertools.pairwise(lrs[s] for s in range(6, total))), "no rise past the old end"
