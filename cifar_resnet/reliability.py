@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import random
 import signal
-import tempfile
 import threading
 from pathlib import Path
 from types import FrameType
@@ -20,6 +18,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cifar_resnet.errors import UserError
+from cifar_resnet.fileio import atomic_torch_save
 
 # Exit statuses of a run stopped by a signal, as a shell reports a process killed by it (128 + signum).
 EXIT_SIGINT = 128 + signal.SIGINT
@@ -45,18 +44,6 @@ class TrainingInterruptedError(Exception):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename inside ``folder`` durable (POSIX; a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def non_finite_tensors(state_dict: dict[str, Any], prefix: str = "model.") -> list[str]:
@@ -93,26 +80,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"({bad[0]}{' and more' if len(bad) > 1 else ''}); training diverged, lower --lr. "
                 f"Earlier checkpoints in {target.parent} are kept"
             )
-        tmp: str | None = None
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are as readable as the run folder
-            os.replace(tmp, target)
-            tmp = None
-            _fsync_dir(target.parent)
+            atomic_torch_save(checkpoint, target)
         except OSError as err:
             raise CheckpointWriteError(
                 f"could not write checkpoint {target} ({err.strerror or err}); the previous {target.name}, "
                 "if any, is intact; free space or fix permissions, then resume from it"
             ) from err
-        finally:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
 
     def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         # Checkpoints hold tensors and plain values only; refuse anything that needs unpickling code.

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from cifar_resnet import cli, reliability
+from cifar_resnet import cli, fileio, reliability
 from cifar_resnet.module import ImageClassifier
 from cifar_resnet.reliability import AtomicCheckpointIO, CheckpointWriteError
 from tests.conftest import REPO_ROOT, make_image_folder
@@ -149,7 +149,7 @@ def test_atomic_checkpoint_io_keeps_the_previous_file_on_write_errors(tmp_path: 
     def full(fd: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(reliability.os, "fsync", full)
+    monkeypatch.setattr(fileio.os, "fsync", full)
     with pytest.raises(CheckpointWriteError, match=r"No space left on device.*previous last\.ckpt, if any, is intact"):
         io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 2}, target)
     monkeypatch.undo()
@@ -179,7 +179,7 @@ def test_disk_full_during_a_fit_exits_2_with_one_line_and_keeps_last(
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_fsync(fd)
 
-    monkeypatch.setattr(reliability.os, "fsync", fsync_fails_after_the_first_epoch)
+    monkeypatch.setattr(fileio.os, "fsync", fsync_fails_after_the_first_epoch)
     code = cli.fit_main(fit_args(tiny_folder, logs, "--max_epochs", "3", "--no_test"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("fit.py: error: could not write checkpoint "), err

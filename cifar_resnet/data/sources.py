@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from torchvision.datasets import CIFAR10, ImageFolder
 from torchvision.transforms.v2 import functional as TF
 
 from cifar_resnet.errors import UserError
+from cifar_resnet.fileio import atomic_torch_save
 
 IMAGE_SIZE = 32
 CIFAR10_CLASSES = (
@@ -212,21 +212,6 @@ def _to_cifar_size(images: list[torch.Tensor], paths: list[str]) -> torch.Tensor
     return torch.stack(images)
 
 
-def _atomic_save(obj: object, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a cache is as readable as the data it came from
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_image_folder(split_dir: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None) -> ImageSplit:
     """Decode ``split_dir/<class>/*`` into an :class:`ImageSplit`, through a cache when ``cache_dir`` is set."""
     split_dir = Path(split_dir)
@@ -245,7 +230,7 @@ def load_image_folder(split_dir: str | os.PathLike[str], cache_dir: str | os.Pat
     split = ImageSplit(images, torch.tensor([label for _, label in samples], dtype=torch.int64), tuple(classes))
     if cache_file is not None:
         try:
-            _atomic_save({"images": split.images, "labels": split.labels, "classes": list(classes)}, cache_file)
+            atomic_torch_save({"images": split.images, "labels": split.labels, "classes": list(classes)}, cache_file)
         except OSError as err:
             warnings.warn(f"could not write the decoded-image cache {cache_file}: {err}", stacklevel=2)
     return split
