@@ -133,13 +133,14 @@ class DivergenceStop(Callback):
     """Stops training after ``max_nonfinite`` consecutive non-finite training losses.
 
     The check runs on the device: a running count of consecutive non-finite losses and the step where the
-    current run began are kept as tensors, and the host reads them only every ``max_nonfinite`` steps, so
-    the normal path never waits for the GPU. Detection is therefore at most ``max_nonfinite`` steps late;
-    the checkpoint IO refuses non-finite weights in the meantime.
+    current run began are kept as tensors, and the host reads them only every ``check_every`` steps and
+    at the end of each epoch, so the GPU's queue is drained rarely. Detection can therefore come up to
+    ``check_every`` steps late; the checkpoint IO refuses non-finite weights in the meantime.
     """
 
-    def __init__(self, max_nonfinite: int = 3) -> None:
+    def __init__(self, max_nonfinite: int = 3, check_every: int = 50) -> None:
         self.max_nonfinite = max_nonfinite
+        self.check_every = max(check_every, max_nonfinite)
         self._run: torch.Tensor | None = None
         self._start: torch.Tensor | None = None
         self._tripped: torch.Tensor | None = None
@@ -163,8 +164,8 @@ class DivergenceStop(Callback):
         self._start = torch.where(bad & (self._run == 1), torch.full_like(self._start, step), self._start)
         newly = (self._run >= self.max_nonfinite) & (self._tripped < 0)
         self._tripped = torch.where(newly, self._start, self._tripped)
-        if (step + 1) % self.max_nonfinite == 0 or batch_idx + 1 == trainer.num_training_batches:
-            first = int(self._tripped)  # the one host sync, every max_nonfinite steps
+        if (step + 1) % self.check_every == 0 or batch_idx + 1 == trainer.num_training_batches:
+            first = int(self._tripped)  # the one host sync, every check_every steps
             if first >= 0:
                 lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
                 raise NonFiniteWeightsError(
