@@ -338,6 +338,26 @@ def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_folder: Path
 # ---------------------------------------------------------------------------------------------- 8
 
 
+PREPARE_TRACER = """
+import os
+
+from cifar_resnet.data import datamodule
+
+_prepare = datamodule.CIFARDataModule.prepare_data
+
+
+def _traced(self):
+    with open(os.environ["PREPARE_TRACE"], "a") as f:
+        f.write(f"pid {os.getpid()} local_rank {os.environ.get('LOCAL_RANK', '0')}\\n")
+    return _prepare(self)
+
+
+datamodule.CIFARDataModule.prepare_data = _traced
+with open(os.environ["PREPARE_TRACE"], "a") as f:
+    f.write(f"loaded {os.getpid()}\\n")
+"""
+
+
 def test_two_process_ddp_trains_validates_like_one_process_and_resumes_on_one(tiny_folder: Path, tmp_path: Path):
     import lightning as L
 
@@ -346,10 +366,19 @@ def test_two_process_ddp_trains_validates_like_one_process_and_resumes_on_one(ti
     logs = tmp_path / "logs"
     args = fit_args(tiny_folder, logs, "--max_epochs", "1", "--no_test", "--eval_batch_size", "4")
     ddp = [*args, "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
-    env = {**_env(tmp_path), "OMP_NUM_THREADS": "1"}
+    # Every process of the run records its prepare_data calls (sitecustomize loads in each interpreter).
+    trace_dir, trace = tmp_path / "trace", tmp_path / "prepare_calls.txt"
+    trace_dir.mkdir()
+    (trace_dir / "sitecustomize.py").write_text(PREPARE_TRACER)
+    pythonpath = os.pathsep.join(p for p in (str(trace_dir), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**_env(tmp_path), "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath, "PREPARE_TRACE": str(trace)}
     proc = subprocess.run([sys.executable, FIT, *ddp], capture_output=True, text=True, env=env, cwd=tmp_path,
                           timeout=180)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = trace.read_text().splitlines()
+    calls = [line for line in lines if line.startswith("pid ")]
+    assert len({line for line in lines if line.startswith("loaded ")}) >= 2, "the tracer ran in both processes"
+    assert len(calls) == 1, f"prepare_data must run once per node, ran {calls}"
     last = logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt"
     ckpt = _load(last)
     ddp_acc = next(v["best_model_score"] for k, v in ckpt["callbacks"].items() if "val/acc" in k)
