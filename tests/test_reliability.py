@@ -396,3 +396,12 @@ def test_two_process_ddp_trains_validates_like_one_process_and_resumes_on_one(ti
     fit(*args, "--ckpt_path", str(last))
     resumed = _load(last)
     assert (resumed["epoch"], resumed["global_step"]) == (1, ckpt["global_step"] + 3)
+
+    # And the reverse: that one-process checkpoint continues under DDP (1 step an epoch per process).
+    args[args.index("--max_epochs") + 1] = "3"
+    ddp_again = [*args, "--ckpt_path", str(last), "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
+    proc = subprocess.run([sys.executable, FIT, *ddp_again], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=180)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = _load(last)
+    assert (again["epoch"], again["global_step"]) == (2, resumed["global_step"] + 1)
