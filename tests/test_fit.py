@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cifar_resnet import cli
 from cifar_resnet.cli import build_parser, run_fit
+from cifar_resnet.curves import read_scalars
 from tests.conftest import REPO_ROOT
 
 
@@ -32,13 +33,7 @@ def fit(*argv: str) -> dict:
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar series of a run folder (all event files, resumed runs included), deduplicated by step."""
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
-    acc.Reload()
-    out = {}
-    for tag in acc.Tags()["scalars"]:
-        by_step = {e.step: e.value for e in acc.Scalars(tag)}
-        out[tag] = sorted(by_step.items())
-    return out
+    return read_scalars(run_dir)
 
 
 def test_full_fit_validate_and_test_on_an_image_folder(tiny_folder: Path, tmp_path: Path) -> None:
