@@ -52,3 +52,19 @@ def test_compiled_model_trains_one_step_on_the_cpu(tiny_folder: Path, tmp_path: 
     assert set(model.state_dict()) == set(before), "compiling keeps state-dict keys unprefixed"
     changed = [k for k in before if not torch.equal(before[k], model.state_dict()[k])]
     assert any(k.endswith("conv1.weight") for k in changed), "the step updated the weights"
+
+
+def test_worker_processes_yield_the_same_tensor_batches(tiny_folder: Path, tmp_path: Path) -> None:
+    def batches(workers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        dm = CIFARDataModule(str(tiny_folder), batch_size=5, val_size=6, num_workers=workers,
+                             cache_dir=str(tmp_path / "cache"))  # fmt: skip
+        dm.prepare_data()
+        dm.setup("fit")
+        return [*dm.train_dataloader(), *dm.val_dataloader()]
+
+    in_process, from_workers = batches(0), batches(2)
+    assert len(in_process) == len(from_workers) == 6 + 1  # 30 training images in batches of 5; one val batch
+    for (images, labels), (w_images, w_labels) in zip(in_process, from_workers, strict=True):
+        assert isinstance(w_images, torch.Tensor) and isinstance(w_labels, torch.Tensor)
+        assert w_images.dtype == torch.uint8 and w_labels.dtype == torch.int64
+        assert torch.equal(images, w_images) and torch.equal(labels, w_labels)

@@ -36,11 +36,15 @@ def random_crop_and_flip(x: torch.Tensor, padding: int, flip_p: float, gen: torc
     dy = torch.randint(0, 2 * padding + 1, (n,), generator=gen)
     dx = torch.randint(0, 2 * padding + 1, (n,), generator=gen)
     flip = torch.rand(n, generator=gen) < flip_p
+    # Only the 3 draws per sample cross to the device; the (n, h, w) index grid is built where x lives.
+    dy, dx, flip = (t.to(x.device, non_blocking=True) for t in (dy, dx, flip))
     padded_w = w + 2 * padding
     source = F.pad(x, (padding, padding, padding, padding)) if padding > 0 else x
-    cols = torch.where(flip[:, None], torch.arange(w - 1, -1, -1), torch.arange(w))  # (n, w)
-    index = (torch.arange(h)[None, :, None] + dy[:, None, None]) * padded_w + (cols + dx[:, None])[:, None, :]
-    index = index.view(n, 1, h * w).to(x.device, non_blocking=True).expand(n, c, h * w)
+    cols = torch.arange(w, device=x.device)
+    cols = torch.where(flip[:, None], cols.flip(0), cols)  # (n, w)
+    rows = torch.arange(h, device=x.device)[None, :, None] + dy[:, None, None]  # (n, h, 1)
+    index = rows * padded_w + (cols + dx[:, None])[:, None, :]
+    index = index.view(n, 1, h * w).expand(n, c, h * w)
     return source.flatten(2).gather(2, index).view(n, c, h, w)
 
 
