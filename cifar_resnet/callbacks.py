@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ProgressBar
+from lightning.pytorch.trainer.states import TrainerFn
 from torchvision.utils import make_grid
 
 
@@ -83,7 +84,7 @@ class SaveRunArguments(Callback):
 class LineProgress(ProgressBar):
     """Progress as plain lines, for logs and CI where a redrawn bar turns into noise.
 
-    A line every ``every`` training batches and one per validation; reading logged values
+    A line every ``every`` training batches and one per epoch; reading logged values
     synchronises the device, so it happens only when a line is printed.
     """
 
@@ -92,6 +93,7 @@ class LineProgress(ProgressBar):
         self.every = max(1, every)
         self._enabled = True
         self._epoch_start = 0.0
+        self._finished_epoch: tuple[int, float] | None = None
 
     def disable(self) -> None:
         self._enabled = False
@@ -113,6 +115,7 @@ class LineProgress(ProgressBar):
         return "  ".join(shown)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._print_finished_epoch(trainer)
         self._epoch_start = time.perf_counter()
 
     def on_train_batch_end(
@@ -128,16 +131,32 @@ class LineProgress(ProgressBar):
             + self._format(metrics, ("train/loss_step",))
         )
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
+    @staticmethod
+    def _scalars(trainer: L.Trainer) -> dict[str, float]:
+        return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The LightningModule logs the epoch's training metrics in its own on_train_epoch_end, which runs
+        # after this hook, so the line is printed once they exist: when the next epoch or the fit ends.
+        self._finished_epoch = (trainer.current_epoch + 1, time.perf_counter() - self._epoch_start)
+
+    def _print_finished_epoch(self, trainer: L.Trainer) -> None:
+        if self._finished_epoch is None:
             return
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-        elapsed = time.perf_counter() - self._epoch_start
-        self._print(
-            f"epoch {trainer.current_epoch + 1} done in {elapsed:.1f}s  "
-            + self._format(metrics, ("train/acc", "val/loss", "val/acc", "val/acc_best", "train/images_per_sec"))
-        )
+        epoch, elapsed = self._finished_epoch
+        self._finished_epoch = None
+        keys = ("train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "train/images_per_sec")
+        self._print(f"epoch {epoch} done in {elapsed:.1f}s  " + self._format(self._scalars(trainer), keys))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._print_finished_epoch(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._print_finished_epoch(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:  # a stand-alone validation; in fit the epoch line reports it
+            self._print("validate  " + self._format(self._scalars(trainer), ("val/loss", "val/acc", "val/acc_top5")))
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-        self._print("test  " + self._format(metrics, ("test/loss", "test/acc", "test/acc_top5")))
+        self._print("test  " + self._format(self._scalars(trainer), ("test/loss", "test/acc", "test/acc_top5")))

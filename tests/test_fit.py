@@ -179,3 +179,20 @@ def test_a_longer_max_epochs_on_resume_replans_the_cosine(tiny_folder: Path, tmp
     expected = {s: 0.025 * (1 + torch.cos(torch.tensor(torch.pi * s / total))).item() for s in range(6, total)}
     assert [lrs[s] for s in range(6, total)] == pytest.approx(list(expected.values()), rel=1e-5)
     assert all(a > b for a, b in itertools.pairwise(lrs[s] for s in range(6, total))), "no rise past the old end"
+
+
+def test_line_progress_reports_each_epochs_own_training_and_validation_metrics(
+    tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    logs = tmp_path / "logs"
+    args = fit_args(tiny_folder, logs, "--max_epochs", "3")
+    args[args.index("--progress") + 1] = "lines"
+    fit(*args)
+    lines = [line for line in capsys.readouterr().out.splitlines() if " done in " in line]
+    assert [line.split()[1] for line in lines] == ["1", "2", "3"], lines
+
+    logged = scalars(logs / "resnet20" / "version_0")
+    for key in ("val/acc", "train/acc"):
+        shown = [float(line.split(f"{key} ")[1].split()[0]) for line in lines]
+        expected = [value for _, value in logged[key]]
+        assert shown == [float(f"{value:.4g}") for value in expected], key
