@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -321,10 +322,17 @@ def run_fit(args: argparse.Namespace) -> dict[str, Any]:
         run_arguments={**vars(args), "ckpt_path": str(ckpt_path) if ckpt_path else None},
     )
     trainer, checkpoints = build_trainer(settings)
+    folder = run_dir(trainer)
+    folder_is_new = folder is not None and not folder.exists()
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     except SIGTERMException as stop:  # outside a training batch; the checkpoint is written on the way out
         raise sigterm_stop(trainer) from stop
+    except UserError:
+        # Bad data is found when the Trainer decodes it; a run folder this call created holds nothing yet.
+        if folder_is_new and trainer.is_global_zero and folder.is_dir() and not any(folder.rglob("*.ckpt")):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
 
     result: dict[str, Any] = {"run_dir": str(run_dir(trainer)) if run_dir(trainer) else None}
     if args.fast_dev_run:
