@@ -72,15 +72,15 @@ def run(args: argparse.Namespace) -> list[Figure]:
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
     data_dir = Path(args.data_dir)
-    dm = CIFARDataModule(
-        data_dir=str(data_dir),
-        batch_size=batch,
-        val_size=args.val_size,
-        num_workers=args.workers,
-        cache_dir=args.cache_dir,
-    )
-    dm.prepare_data()
-    dm.setup("fit")
+
+    def datamodule(workers: int) -> CIFARDataModule:
+        dm = CIFARDataModule(data_dir=str(data_dir), batch_size=batch, val_size=args.val_size,
+                             num_workers=workers, cache_dir=args.cache_dir)  # fmt: skip
+        dm.prepare_data()
+        dm.setup("fit")
+        return dm
+
+    dm = datamodule(args.workers)
     print(f"# {_environment(device)}; batch {batch}; precision {precision}; workers {args.workers}", flush=True)
     figures: list[Figure] = []
 
@@ -94,6 +94,11 @@ def run(args: argparse.Namespace) -> list[Figure]:
     pil = benchmark.pil_pipeline(data_dir, batch, args.workers, device, min(warmup, 2), min(iterations, 10))
     record("data/pil_baseline", pil, workers=args.workers)
     record("data/ratio_ours_over_pil", ours / pil, "x")
+    if args.workers > 0:
+        # Our batches come from memory, so worker processes only add a hop; show what no workers give.
+        in_process = benchmark.our_pipeline(datamodule(0), device, warmup, max(iterations, 100))
+        record("data/ours_no_workers", in_process, workers=0)
+        record("data/ratio_ours_no_workers_over_pil", in_process / pil, "x", pil_workers=args.workers)
 
     for index, arch in enumerate(archs):
         lit = benchmark.lightning_training(arch, dm, device, precision, channels_last, False, warmup, iterations)

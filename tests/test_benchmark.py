@@ -8,17 +8,19 @@ import pytest
 from cifar_resnet.benchmark_cli import benchmark_main
 
 
+def _figures(output: str) -> dict[str, dict]:
+    """The JSON lines of a benchmark run, by figure name."""
+    records = (json.loads(line) for line in output.splitlines() if line.startswith("{"))
+    return {record["name"]: record for record in records}
+
+
 def test_benchmark_reports_pipeline_training_and_ratios(
     tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["--device", "cpu", "--data_dir", str(tiny_folder), "--cache_dir", str(tmp_path / "c"),
             "--batch_size", "4", "--val_size", "6", "--warmup", "1", "--iterations", "2"]  # fmt: skip
     assert benchmark_main(argv) == 0
-    figures = {}
-    for line in capsys.readouterr().out.splitlines():
-        if line.startswith("{"):
-            record = json.loads(line)
-            figures[record["name"]] = record
+    figures = _figures(capsys.readouterr().out)
     for name in ("data/ours", "data/pil_baseline", "train/resnet20/lightning", "train/resnet20/plain_loop"):
         assert figures[name]["value"] > 0 and figures[name]["unit"] == "images/s"
     ratio = figures["data/ratio_ours_over_pil"]["value"]
@@ -26,6 +28,21 @@ def test_benchmark_reports_pipeline_training_and_ratios(
     step_ratio = figures["train/resnet20/step_time_ratio_lightning_over_plain"]["value"]
     expected = figures["train/resnet20/plain_loop"]["value"] / figures["train/resnet20/lightning"]["value"]
     assert step_ratio == pytest.approx(expected)
+    assert "data/ours_no_workers" not in figures  # only measured when the baseline has workers
+
+
+def test_benchmark_with_workers_also_times_our_pipeline_without_them(
+    tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--device", "cpu", "--data_dir", str(tiny_folder), "--cache_dir", str(tmp_path / "c"),
+            "--batch_size", "4", "--val_size", "6", "--warmup", "1", "--iterations", "1", "--workers", "1"]  # fmt: skip
+    assert benchmark_main(argv) == 0
+    figures = _figures(capsys.readouterr().out)
+    assert figures["data/ours"]["details"]["workers"] == 1
+    assert figures["data/pil_baseline"]["details"]["workers"] == 1
+    assert figures["data/ours_no_workers"]["details"]["workers"] == 0
+    ratio = figures["data/ratio_ours_no_workers_over_pil"]["value"]
+    assert ratio == pytest.approx(figures["data/ours_no_workers"]["value"] / figures["data/pil_baseline"]["value"])
 
 
 def test_benchmark_on_missing_cuda_is_a_clear_error(tiny_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
