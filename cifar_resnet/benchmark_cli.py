@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations (default 3 CPU, 20 CUDA)")
     p.add_argument("--iterations", type=int, default=None, help="timed iterations (default 10 CPU, 100 CUDA)")
     p.add_argument("--compile", action="store_true", help="also time the first arch with torch.compile")
+    p.add_argument("--rounds", type=int, default=3, help="alternating Lightning / plain-loop timings per arch")
     return p
 
 
@@ -56,7 +58,16 @@ def _environment(device: torch.device) -> str:
     )
 
 
+def _check_counts(args: argparse.Namespace) -> None:
+    minimum = {"rounds": 1, "iterations": 1, "batch_size": 1, "warmup": 0, "workers": 0, "val_size": 0}
+    for name, least in minimum.items():
+        value = getattr(args, name)
+        if value is not None and value < least:
+            raise UserError(f"--{name} must be at least {least}, got {value}")
+
+
 def run(args: argparse.Namespace) -> list[Figure]:
+    _check_counts(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -101,11 +112,17 @@ def run(args: argparse.Namespace) -> list[Figure]:
         record("data/ratio_ours_no_workers_over_pil", in_process / pil, "x", pil_workers=args.workers)
 
     for index, arch in enumerate(archs):
-        lit = benchmark.lightning_training(arch, dm, device, precision, channels_last, False, warmup, iterations)
-        record(f"train/{arch}/lightning", lit, precision=precision, channels_last=channels_last)
-        plain = benchmark.plain_training(arch, dm, device, precision, channels_last, warmup, iterations)
-        record(f"train/{arch}/plain_loop", plain, precision=precision, channels_last=channels_last)
-        record(f"train/{arch}/step_time_ratio_lightning_over_plain", plain / lit, "x")
+        # Lightning and the plain loop take turns, so a burst of load from elsewhere hits both alike.
+        lits, plains = [], []
+        for _ in range(args.rounds):
+            lits.append(benchmark.lightning_training(arch, dm, device, precision, channels_last, False, warmup,
+                                                     iterations))  # fmt: skip
+            plains.append(benchmark.plain_training(arch, dm, device, precision, channels_last, warmup, iterations))
+        lit, plain = statistics.median(lits), statistics.median(plains)
+        record(f"train/{arch}/lightning", lit, precision=precision, channels_last=channels_last, rounds=lits)
+        record(f"train/{arch}/plain_loop", plain, precision=precision, channels_last=channels_last, rounds=plains)
+        ratios = [p / q for p, q in zip(plains, lits, strict=True)]
+        record(f"train/{arch}/step_time_ratio_lightning_over_plain", statistics.median(ratios), "x", rounds=ratios)
         record(f"train/{arch}/data_share_of_step", lit / ours, "fraction")
         if index == 0:
             other = benchmark.lightning_training(arch, dm, device, precision, not channels_last, False, warmup,

@@ -18,16 +18,18 @@ def test_benchmark_reports_pipeline_training_and_ratios(
     tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["--device", "cpu", "--data_dir", str(tiny_folder), "--cache_dir", str(tmp_path / "c"),
-            "--batch_size", "4", "--val_size", "6", "--warmup", "1", "--iterations", "2"]  # fmt: skip
+            "--batch_size", "4", "--val_size", "6", "--warmup", "1", "--iterations", "2", "--rounds", "2"]  # fmt: skip
     assert benchmark_main(argv) == 0
     figures = _figures(capsys.readouterr().out)
     for name in ("data/ours", "data/pil_baseline", "train/resnet20/lightning", "train/resnet20/plain_loop"):
         assert figures[name]["value"] > 0 and figures[name]["unit"] == "images/s"
     ratio = figures["data/ratio_ours_over_pil"]["value"]
     assert ratio == pytest.approx(figures["data/ours"]["value"] / figures["data/pil_baseline"]["value"])
-    step_ratio = figures["train/resnet20/step_time_ratio_lightning_over_plain"]["value"]
-    expected = figures["train/resnet20/plain_loop"]["value"] / figures["train/resnet20/lightning"]["value"]
-    assert step_ratio == pytest.approx(expected)
+    step_ratio = figures["train/resnet20/step_time_ratio_lightning_over_plain"]
+    lightning, plain = (figures[f"train/resnet20/{name}"]["details"]["rounds"] for name in ("lightning", "plain_loop"))
+    assert len(lightning) == len(plain) == 2
+    assert step_ratio["details"]["rounds"] == pytest.approx([p / q for p, q in zip(plain, lightning, strict=True)])
+    assert step_ratio["value"] == pytest.approx(sum(step_ratio["details"]["rounds"]) / 2)  # median of two
     assert "data/ours_no_workers" not in figures  # only measured when the baseline has workers
 
 
@@ -52,3 +54,12 @@ def test_benchmark_on_missing_cuda_is_a_clear_error(tiny_folder: Path, capsys: p
         pytest.skip("a GPU is present")
     assert benchmark_main(["--device", "cuda", "--data_dir", str(tiny_folder)]) == 2
     assert "no CUDA GPU is visible" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--rounds", "0"), ("--iterations", "0"), ("--workers", "-1")])
+def test_benchmark_refuses_impossible_counts_in_one_line(
+    flag: str, value: str, tiny_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert benchmark_main(["--device", "cpu", "--data_dir", str(tiny_folder), flag, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"benchmark.py: error: {flag} must be at least {0 if flag == '--workers' else 1}, got {value}"]
