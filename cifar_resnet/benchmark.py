@@ -144,6 +144,36 @@ class _StepTimer(L.Callback):
             self.end = time.perf_counter()
 
 
+def _fit_steps(
+    arch: str,
+    dm: CIFARDataModule,
+    device: torch.device,
+    precision: str,
+    channels_last: bool,
+    compile_model: bool,
+    steps: int,
+    callback: L.Callback,
+) -> None:
+    """Train ``steps`` batches through our LightningModule and the Trainer of ``scripts/fit.py``."""
+    model = ImageClassifier(arch=arch, num_classes=dm.num_classes, channels_last=channels_last,
+                            compile_model=compile_model)  # fmt: skip
+    with tempfile.TemporaryDirectory() as log_dir:
+        settings = TrainerSettings(
+            arch=arch,
+            max_epochs=1,
+            log_dir=log_dir,
+            accelerator=device.type,
+            devices="1",
+            precision=precision,
+            limit_train_batches=steps,
+            limit_val_batches=0,
+            progress="none",
+        )
+        trainer, _ = build_trainer(settings)  # the callbacks and logger of scripts/fit.py
+        trainer.callbacks.append(callback)
+        trainer.fit(model, datamodule=dm)
+
+
 def lightning_training(
     arch: str,
     dm: CIFARDataModule,
@@ -155,25 +185,71 @@ def lightning_training(
     iterations: int,
 ) -> float:
     """Training images per second through our LightningModule and a Trainer, as ``scripts/fit.py`` runs it."""
-    model = ImageClassifier(arch=arch, num_classes=dm.num_classes, channels_last=channels_last,
-                            compile_model=compile_model)  # fmt: skip
     timer = _StepTimer(warmup)
-    with tempfile.TemporaryDirectory() as log_dir:
-        settings = TrainerSettings(
-            arch=arch,
-            max_epochs=1,
-            log_dir=log_dir,
-            accelerator=device.type,
-            devices="1",
-            precision=precision,
-            limit_train_batches=warmup + iterations,
-            limit_val_batches=0,
-            progress="none",
-        )
-        trainer, _ = build_trainer(settings)  # the callbacks and logger of scripts/fit.py
-        trainer.callbacks.append(timer)
-        trainer.fit(model, datamodule=dm)
+    _fit_steps(arch, dm, device, precision, channels_last, compile_model, warmup + iterations, timer)
     return timer.images / (timer.end - timer.start)
+
+
+@dataclass
+class OpTime:
+    """One operator's share of the profiled steps: self time on the device (CUDA) or the CPU."""
+
+    name: str
+    self_ms: float
+    share: float
+    calls: int
+
+
+class _StepProfiler(L.Callback):
+    """Runs torch.profiler over training batches ``warmup`` .. end (CPU ops, and CUDA kernels on a GPU)."""
+
+    def __init__(self, warmup: int, device: torch.device) -> None:
+        self.warmup = warmup
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.profiler = torch.profiler.profile(activities=activities)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        if idx == self.warmup:
+            _sync(pl_module.device)
+            self.profiler.start()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        if idx + 1 == trainer.num_training_batches:
+            _sync(pl_module.device)
+            self.profiler.stop()
+
+
+def profile_training(
+    arch: str,
+    dm: CIFARDataModule,
+    device: torch.device,
+    precision: str,
+    channels_last: bool,
+    warmup: int,
+    steps: int,
+    top: int = 10,
+    trace: Path | None = None,
+) -> tuple[list[OpTime], str]:
+    """Where the time of ``steps`` training batches goes: the ``top`` operators by self time, and the table.
+
+    On CUDA the ranking is by kernel time on the GPU, on the CPU by CPU time. ``trace`` receives a Chrome
+    trace (open it in chrome://tracing or Perfetto).
+    """
+    probe = _StepProfiler(warmup, device)
+    _fit_steps(arch, dm, device, precision, channels_last, False, warmup + steps, probe)
+    on_gpu = device.type == "cuda"
+    averages = probe.profiler.key_averages()
+    attribute = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    total = sum(getattr(event, attribute) for event in averages) or 1.0
+    ranked = sorted(averages, key=lambda event: getattr(event, attribute), reverse=True)[:top]
+    ops = [OpTime(e.key, getattr(e, attribute) / 1e3, getattr(e, attribute) / total, e.count) for e in ranked]
+    if trace is not None:
+        probe.profiler.export_chrome_trace(str(trace))
+    return ops, averages.table(sort_by=attribute, row_limit=top)
 
 
 def plain_training(

@@ -47,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=None, help="timed iterations (default 10 CPU, 100 CUDA)")
     p.add_argument("--compile", action="store_true", help="also time the first arch with torch.compile")
     p.add_argument("--rounds", type=int, default=3, help="alternating Lightning / plain-loop timings per arch")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also profile STEPS training steps of the first arch and print the top operators (0: off)",
+    )
+    p.add_argument("--profile_trace", default=None, help="write the profile's Chrome trace to this file")
     return p
 
 
@@ -59,7 +67,7 @@ def _environment(device: torch.device) -> str:
 
 
 def _check_counts(args: argparse.Namespace) -> None:
-    minimum = {"rounds": 1, "iterations": 1, "batch_size": 1, "warmup": 0, "workers": 0, "val_size": 0}
+    minimum = {"rounds": 1, "iterations": 1, "batch_size": 1, "warmup": 0, "workers": 0, "val_size": 0, "profile": 0}
     for name, least in minimum.items():
         value = getattr(args, name)
         if value is not None and value < least:
@@ -132,6 +140,16 @@ def run(args: argparse.Namespace) -> list[Figure]:
                 compiled = benchmark.lightning_training(arch, dm, device, precision, channels_last, True,
                                                         warmup, iterations)  # fmt: skip
                 record(f"train/{arch}/lightning_compiled", compiled, precision=precision)
+    if args.profile:
+        trace = Path(args.profile_trace) if args.profile_trace else None
+        ops, table = benchmark.profile_training(archs[0], dm, device, precision, channels_last, warmup, args.profile,
+                                                trace=trace)  # fmt: skip
+        print(f"# where {args.profile} training steps of {archs[0]} spend their time", flush=True)
+        print(table, flush=True)
+        clock = "gpu" if on_gpu else "cpu"
+        for rank, op in enumerate(ops, start=1):
+            record(f"profile/{archs[0]}/top{rank}", op.share, f"fraction of {clock} self time", op=op.name,
+                   self_ms=round(op.self_ms, 3), calls=op.calls, steps=args.profile)  # fmt: skip
     return figures
 
 

@@ -63,3 +63,22 @@ def test_benchmark_refuses_impossible_counts_in_one_line(
     assert benchmark_main(["--device", "cpu", "--data_dir", str(tiny_folder), flag, value]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"benchmark.py: error: {flag} must be at least {0 if flag == '--workers' else 1}, got {value}"]
+
+
+def test_benchmark_profile_names_the_top_operators_and_writes_a_trace(
+    tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = tmp_path / "trace.json"
+    argv = ["--device", "cpu", "--data_dir", str(tiny_folder), "--cache_dir", str(tmp_path / "c"),
+            "--batch_size", "4", "--val_size", "6", "--warmup", "1", "--iterations", "1", "--rounds", "1",
+            "--profile", "2", "--profile_trace", str(trace)]  # fmt: skip
+    assert benchmark_main(argv) == 0
+    out = capsys.readouterr().out
+    top = [record for name, record in _figures(out).items() if name.startswith("profile/resnet20/top")]
+    assert len(top) == 10
+    shares = [record["value"] for record in top]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1.0 + 1e-6
+    names = {record["details"]["op"] for record in top}
+    assert any("conv" in name for name in names), names  # a ResNet's time goes to its convolutions
+    assert "Self CPU" in out  # the profiler's own table is printed
+    assert json.loads(trace.read_text())["traceEvents"]
