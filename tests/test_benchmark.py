@@ -8,6 +8,12 @@ import pytest
 from cifar_resnet.benchmark_cli import benchmark_main
 
 
+def _tiny_argv(data: Path, tmp_path: Path, *extra: str) -> list[str]:
+    """A CPU benchmark over the tiny generated folder: 4-image batches, one warm-up iteration."""
+    return ["--device", "cpu", "--data_dir", str(data), "--cache_dir", str(tmp_path / "c"),
+            "--batch_size", "4", "--val_size", "6", "--warmup", "1", *extra]  # fmt: skip
+
+
 def _figures(output: str) -> dict[str, dict]:
     """The JSON lines of a benchmark run, by figure name."""
     records = (json.loads(line) for line in output.splitlines() if line.startswith("{"))
@@ -17,8 +23,7 @@ def _figures(output: str) -> dict[str, dict]:
 def test_benchmark_reports_pipeline_training_and_ratios(
     tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["--device", "cpu", "--data_dir", str(tiny_folder), "--cache_dir", str(tmp_path / "c"),
-            "--batch_size", "4", "--val_size", "6", "--warmup", "1", "--iterations", "2", "--rounds", "2"]  # fmt: skip
+    argv = _tiny_argv(tiny_folder, tmp_path, "--iterations", "2", "--rounds", "2")
     assert benchmark_main(argv) == 0
     figures = _figures(capsys.readouterr().out)
     for name in ("data/ours", "data/pil_baseline", "train/resnet20/lightning", "train/resnet20/plain_loop"):
@@ -36,8 +41,7 @@ def test_benchmark_reports_pipeline_training_and_ratios(
 def test_benchmark_with_workers_also_times_our_pipeline_without_them(
     tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["--device", "cpu", "--data_dir", str(tiny_folder), "--cache_dir", str(tmp_path / "c"),
-            "--batch_size", "4", "--val_size", "6", "--warmup", "1", "--iterations", "1", "--workers", "1"]  # fmt: skip
+    argv = _tiny_argv(tiny_folder, tmp_path, "--iterations", "1", "--workers", "1")
     assert benchmark_main(argv) == 0
     figures = _figures(capsys.readouterr().out)
     assert figures["data/ours"]["details"]["workers"] == 1
@@ -69,9 +73,8 @@ def test_benchmark_profile_names_the_top_operators_and_writes_a_trace(
     tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     trace = tmp_path / "trace.json"
-    argv = ["--device", "cpu", "--data_dir", str(tiny_folder), "--cache_dir", str(tmp_path / "c"),
-            "--batch_size", "4", "--val_size", "6", "--warmup", "1", "--iterations", "1", "--rounds", "1",
-            "--profile", "2", "--profile_trace", str(trace)]  # fmt: skip
+    argv = _tiny_argv(tiny_folder, tmp_path, "--iterations", "1", "--rounds", "1", "--profile", "2",
+                      "--profile_trace", str(trace))  # fmt: skip
     assert benchmark_main(argv) == 0
     out = capsys.readouterr().out
     top = [record for name, record in _figures(out).items() if name.startswith("profile/resnet20/top")]
