@@ -46,7 +46,8 @@ class ImageClassifier(L.LightningModule):
         for stage in ("train", "val", "test"):
             setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, top_k=1, average="micro"))
             setattr(self, f"{stage}_acc_top5", MulticlassAccuracy(num_classes, top_k=top5, average="micro"))
-            setattr(self, f"{stage}_loss", MeanMetric())
+            # MeanMetric's NaN check would read a flag back every step; DivergenceStop watches the loss instead.
+            setattr(self, f"{stage}_loss", MeanMetric(nan_strategy="disable"))
         # Read, logged and reset once per validation by eval_callbacks.ValidationReport (no per-step sync).
         self.val_confusion = MulticlassConfusionMatrix(num_classes)
         self.val_acc_best = MaxMetric()
