@@ -213,7 +213,7 @@ class GracefulInterrupt(Callback):
     def _save_and_stop(self, trainer: L.Trainer, signum: int) -> None:
         self.signum = signum
         target = self._target(trainer)
-        trainer.save_checkpoint(target)  # every rank calls it; rank 0 writes
+        trainer.save_checkpoint(target, weights_only=False)  # every rank calls it; rank 0 writes
         self.saved = target
         raise TrainingInterruptedError(signum, target)
 
@@ -230,7 +230,7 @@ class GracefulInterrupt(Callback):
         if isinstance(exception, SIGTERMException) and self.saved is None:
             self.signum = signal.SIGTERM
             target = self._target(trainer)
-            trainer.save_checkpoint(target)
+            trainer.save_checkpoint(target, weights_only=False)
             self.saved = target
 
 
