@@ -229,13 +229,18 @@ class CIFARDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume_epoch = int(state_dict.get("next_epoch", 0))
 
-    def _loader(self, name: str) -> DataLoader:
+    def loader(self, name: str, device: torch.device | None = None) -> DataLoader:
+        """The ``train``, ``val`` or ``test`` loader for a run on ``device`` (default: the trainer's, else the CPU).
+
+        On a CUDA device the split is kept on the GPU (unless ``data_on_device`` is off), as in training.
+        """
         split: ImageSplit | None = getattr(self, f"{name}_split")
         train = name == "train"
         if split is None:
             raise UserError(f"no test split: add {self.data_dir}/test/<class>/* or use torchvision's CIFAR-10")
         world, rank = self._world()
-        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        if device is None:
+            device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         on_gpu = device.type == "cuda"
         resident = on_gpu and self.hparams.data_on_device
         if resident:
@@ -266,13 +271,13 @@ class CIFARDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
+        return self.loader("train")
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+        return self.loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self.loader("test")
 
     # ------------------------------------------------------------------ augmentation
 
