@@ -132,6 +132,9 @@ def run(args: argparse.Namespace) -> list[Figure]:
         ratios = [p / q for p, q in zip(plains, lits, strict=True)]
         record(f"train/{arch}/step_time_ratio_lightning_over_plain", statistics.median(ratios), "x", rounds=ratios)
         record(f"train/{arch}/data_share_of_step", lit / ours, "fraction")
+        # What a 200-epoch run of this training split costs at this rate (validation not included).
+        minutes = 200 * len(dm.train_split) / lit / 60
+        record(f"train/{arch}/projected_200_epochs", minutes, "minutes", train_images=len(dm.train_split))
         if index == 0:
             other = benchmark.lightning_training(arch, dm, device, precision, not channels_last, False, warmup,
                                                  iterations)  # fmt: skip

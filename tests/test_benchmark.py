@@ -36,6 +36,9 @@ def test_benchmark_reports_pipeline_training_and_ratios(
     assert step_ratio["details"]["rounds"] == pytest.approx([p / q for p, q in zip(plain, lightning, strict=True)])
     assert step_ratio["value"] == pytest.approx(sum(step_ratio["details"]["rounds"]) / 2)  # median of two
     assert "data/ours_no_workers" not in figures  # only measured when the baseline has workers
+    projected = figures["train/resnet20/projected_200_epochs"]
+    assert projected["details"]["train_images"] == 3 * 12 - 6
+    assert projected["value"] == pytest.approx(200 * 30 / figures["train/resnet20/lightning"]["value"] / 60)
 
 
 def test_benchmark_with_workers_also_times_our_pipeline_without_them(
