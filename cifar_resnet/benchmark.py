@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from cifar_resnet.data import CIFAR10_MEAN, CIFAR10_STD, CIFARDataModule
+from cifar_resnet.errors import UserError
 from cifar_resnet.models import create_model
 from cifar_resnet.module import ImageClassifier
 from cifar_resnet.trainer import TrainerSettings, build_trainer
@@ -188,7 +189,16 @@ def lightning_training(
     """Training images per second through our LightningModule and a Trainer, as ``scripts/fit.py`` runs it."""
     timer = _StepTimer(warmup)
     _fit_steps(arch, dm, device, precision, channels_last, compile_model, warmup + iterations, timer)
+    if timer.images == 0:
+        raise UserError(_too_few_batches(dm, warmup))
     return timer.images / (timer.end - timer.start)
+
+
+def _too_few_batches(dm: CIFARDataModule, warmup: int) -> str:
+    return (
+        f"an epoch has only {len(dm.loader('train'))} training batches, not more than --warmup {warmup}; "
+        "lower --warmup or --batch_size"
+    )
 
 
 @dataclass
@@ -210,11 +220,13 @@ class _StepProfiler(L.Callback):
         if device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         self.profiler = torch.profiler.profile(activities=activities)
+        self.started = False
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
         if idx == self.warmup:
             _sync(pl_module.device)
             self.profiler.start()
+            self.started = True
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
@@ -242,6 +254,8 @@ def profile_training(
     """
     probe = _StepProfiler(warmup, device)
     _fit_steps(arch, dm, device, precision, channels_last, False, warmup + steps, probe)
+    if not probe.started:
+        raise UserError(_too_few_batches(dm, warmup))
     on_gpu = device.type == "cuda"
     averages = probe.profiler.key_averages()
     attribute = "self_device_time_total" if on_gpu else "self_cpu_time_total"

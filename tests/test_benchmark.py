@@ -88,3 +88,13 @@ def test_benchmark_profile_names_the_top_operators_and_writes_a_trace(
     assert any("conv" in name for name in names), names  # a ResNet's time goes to its convolutions
     assert "Self CPU" in out  # the profiler's own table is printed
     assert json.loads(trace.read_text())["traceEvents"]
+
+
+def test_benchmark_with_more_warmup_than_batches_says_so_in_one_line(
+    tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 30 training images in batches of 4: 7 batches an epoch, all of them warm-up.
+    assert benchmark_main(_tiny_argv(tiny_folder, tmp_path, "--iterations", "1", "--warmup", "7")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["benchmark.py: error: an epoch has only 7 training batches, not more than --warmup 7; "
+                   "lower --warmup or --batch_size"]  # fmt: skip
