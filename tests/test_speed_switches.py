@@ -115,3 +115,21 @@ def test_the_training_step_never_reads_a_tensor_back_to_the_host(
     watch(CIFARDataModule, "on_after_batch_transfer")  # batch augmentation
     fit(*fit_args(tiny_folder, tmp_path / "logs", "--max_epochs", "1", "--no_test"))
     assert reads == [], sorted(set(reads))
+
+
+def test_precision_auto_picks_bf16_on_gpus_that_have_it_and_refuses_it_where_they_do_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cifar_resnet.errors import UserError
+    from cifar_resnet.trainer import resolve_precision
+
+    assert resolve_precision("auto", "auto") == "32-true"  # no GPU visible in tests
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert resolve_precision("auto", "auto") == "bf16-mixed"
+    assert resolve_precision("auto", "cpu") == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)  # e.g. a V100
+    assert resolve_precision("auto", "gpu") == "16-mixed"
+    with pytest.raises(UserError, match="this GPU has no bf16; use 16-mixed or 32-true"):
+        resolve_precision("bf16-mixed", "cuda")
+    assert resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"  # the CPU runs bf16 autocast
