@@ -81,10 +81,20 @@ class SaveRunArguments(Callback):
         target.write_text(json.dumps(self.arguments, indent=2, sort_keys=True) + "\n")
 
 
+def format_duration(seconds: float) -> str:
+    """``3h 05m``, ``12m 40s`` or ``45s``."""
+    total = round(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
 class LineProgress(ProgressBar):
     """Progress as plain lines, for logs and CI where a redrawn bar turns into noise.
 
-    A line every ``every`` training batches and one per epoch; reading logged values
+    A line every ``every`` training batches and one per epoch with the time left; reading logged values
     synchronises the device, so it happens only when a line is printed.
     """
 
@@ -94,6 +104,7 @@ class LineProgress(ProgressBar):
         self._enabled = True
         self._epoch_start = 0.0
         self._finished_epoch: tuple[int, float] | None = None
+        self._epoch_seconds: list[float] = []
 
     def disable(self) -> None:
         self._enabled = False
@@ -145,8 +156,14 @@ class LineProgress(ProgressBar):
             return
         epoch, elapsed = self._finished_epoch
         self._finished_epoch = None
+        self._epoch_seconds.append(elapsed)
         keys = ("train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "train/images_per_sec")
-        self._print(f"epoch {epoch} done in {elapsed:.1f}s  " + self._format(self._scalars(trainer), keys))
+        line = f"epoch {epoch} done in {elapsed:.1f}s  " + self._format(self._scalars(trainer), keys)
+        remaining = (trainer.max_epochs or 0) - epoch
+        if remaining > 0:
+            recent = self._epoch_seconds[-5:]  # recent epochs: the first one also pays for warm-up
+            line += f"  eta {format_duration(remaining * sum(recent) / len(recent))}"
+        self._print(line)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._print_finished_epoch(trainer)

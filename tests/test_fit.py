@@ -190,9 +190,18 @@ def test_line_progress_reports_each_epochs_own_training_and_validation_metrics(
     fit(*args)
     lines = [line for line in capsys.readouterr().out.splitlines() if " done in " in line]
     assert [line.split()[1] for line in lines] == ["1", "2", "3"], lines
+    assert ["  eta " in line for line in lines] == [True, True, False]  # time left, until the last epoch
 
     logged = scalars(logs / "resnet20" / "version_0")
     for key in ("val/acc", "train/acc"):
         shown = [float(line.split(f"{key} ")[1].split()[0]) for line in lines]
         expected = [value for _, value in logged[key]]
         assert shown == [float(f"{value:.4g}") for value in expected], key
+
+
+def test_durations_read_as_hours_minutes_or_seconds() -> None:
+    from cifar_resnet.callbacks import format_duration
+
+    assert [format_duration(s) for s in (0.4, 45, 60, 754.6, 3600, 11_100)] == [
+        "0s", "45s", "1m 00s", "12m 35s", "1h 00m", "3h 05m"
+    ]  # fmt: skip
