@@ -7,7 +7,8 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -74,86 +75,145 @@ def _check_counts(args: argparse.Namespace) -> None:
             raise UserError(f"--{name} must be at least {least}, got {value}")
 
 
-def run(args: argparse.Namespace) -> list[Figure]:
+@dataclass
+class _Plan:
+    """What one benchmark run measures, with the device's defaults filled in."""
+
+    device: torch.device
+    archs: list[str]
+    batch: int
+    warmup: int
+    iterations: int
+    precision: str
+    channels_last: bool = True  # fit.py's default
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def _plan(args: argparse.Namespace) -> _Plan:
     _check_counts(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu")
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")  # fmt: skip
-    on_gpu = device.type == "cuda"
-    archs = args.archs or (["resnet18", "resnet50", "resnet20"] if on_gpu else ["resnet20"])
-    batch = args.batch_size or (512 if on_gpu else 128)
-    warmup = args.warmup if args.warmup is not None else (20 if on_gpu else 3)
-    iterations = args.iterations if args.iterations is not None else (100 if on_gpu else 10)
-    precision = resolve_precision(args.precision, "cuda" if on_gpu else "cpu")
-    channels_last = True  # fit.py's default
-    if on_gpu:
+    on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    return _Plan(
+        device=torch.device("cuda" if on_gpu else "cpu"),
+        archs=args.archs or (["resnet18", "resnet50", "resnet20"] if on_gpu else ["resnet20"]),
+        batch=args.batch_size or (512 if on_gpu else 128),
+        warmup=args.warmup if args.warmup is not None else (20 if on_gpu else 3),
+        iterations=args.iterations if args.iterations is not None else (100 if on_gpu else 10),
+        precision=resolve_precision(args.precision, "cuda" if on_gpu else "cpu"),
+    )
+
+
+class _Recorder:
+    """Collects figures and prints each as a JSON line the moment it is measured."""
+
+    def __init__(self, plan: _Plan) -> None:
+        self.plan = plan
+        self.figures: list[Figure] = []
+
+    def __call__(self, name: str, value: float, unit: str = "images/s", **details: object) -> None:
+        figure = Figure(name, value, unit, self.plan.device.type, {"batch_size": self.plan.batch, **details})
+        self.figures.append(figure)
+        print(figure.json_line(), flush=True)
+
+
+def _data_figures(
+    plan: _Plan,
+    args: argparse.Namespace,
+    make_dm: Callable[[int], CIFARDataModule],
+    dm: CIFARDataModule,
+    record: _Recorder,
+) -> float:
+    """Our pipeline against the PIL DataLoader with the same workers; returns our images per second."""
+    timed = max(plan.iterations, 100)
+    ours = benchmark.our_pipeline(dm, plan.device, plan.warmup, timed)
+    record("data/ours", ours, workers=args.workers)
+    pil = benchmark.pil_pipeline(Path(args.data_dir), plan.batch, args.workers, plan.device, min(plan.warmup, 2),
+                                 min(plan.iterations, 10))  # fmt: skip
+    record("data/pil_baseline", pil, workers=args.workers)
+    record("data/ratio_ours_over_pil", ours / pil, "x")
+    if args.workers > 0:
+        # Our batches come from memory, so worker processes only add a hop; show what no workers give.
+        in_process = benchmark.our_pipeline(make_dm(0), plan.device, plan.warmup, timed)
+        record("data/ours_no_workers", in_process, workers=0)
+        record("data/ratio_ours_no_workers_over_pil", in_process / pil, "x", pil_workers=args.workers)
+    return ours
+
+
+def _training_figures(
+    plan: _Plan, args: argparse.Namespace, dm: CIFARDataModule, ours: float, record: _Recorder
+) -> None:
+    """Lightning against the plain loop per arch; channels_last and compile switched for the first arch."""
+    p = plan
+    for index, arch in enumerate(p.archs):
+        # Lightning and the plain loop take turns, so a burst of load from elsewhere hits both alike.
+        lits, plains = [], []
+        for _ in range(args.rounds):
+            lits.append(benchmark.lightning_training(arch, dm, p.device, p.precision, p.channels_last, False,
+                                                     p.warmup, p.iterations))  # fmt: skip
+            plains.append(benchmark.plain_training(arch, dm, p.device, p.precision, p.channels_last, p.warmup,
+                                                   p.iterations))  # fmt: skip
+        lit, plain = statistics.median(lits), statistics.median(plains)
+        record(f"train/{arch}/lightning", lit, precision=p.precision, channels_last=p.channels_last, rounds=lits)
+        record(f"train/{arch}/plain_loop", plain, precision=p.precision, channels_last=p.channels_last,
+               rounds=plains)  # fmt: skip
+        ratios = [a / b for a, b in zip(plains, lits, strict=True)]
+        record(f"train/{arch}/step_time_ratio_lightning_over_plain", statistics.median(ratios), "x", rounds=ratios)
+        record(f"train/{arch}/data_share_of_step", lit / ours, "fraction")
+        # What a 200-epoch run of this training split costs at this rate (validation not included).
+        train_images = len(dm.train_split) if dm.train_split is not None else 0
+        record(f"train/{arch}/projected_200_epochs", 200 * train_images / lit / 60, "minutes",
+               train_images=train_images)  # fmt: skip
+        if index > 0:
+            continue
+        other = benchmark.lightning_training(arch, dm, p.device, p.precision, not p.channels_last, False, p.warmup,
+                                             p.iterations)  # fmt: skip
+        record(f"train/{arch}/lightning_channels_last_{not p.channels_last}", other, precision=p.precision)
+        if args.compile:
+            compiled = benchmark.lightning_training(arch, dm, p.device, p.precision, p.channels_last, True, p.warmup,
+                                                    p.iterations)  # fmt: skip
+            record(f"train/{arch}/lightning_compiled", compiled, precision=p.precision)
+
+
+def _profile_figures(plan: _Plan, args: argparse.Namespace, dm: CIFARDataModule, record: _Recorder) -> None:
+    """The top operators of ``--profile`` training steps of the first arch, as a table and figures."""
+    arch = plan.archs[0]
+    trace = Path(args.profile_trace) if args.profile_trace else None
+    ops, table = benchmark.profile_training(arch, dm, plan.device, plan.precision, plan.channels_last, plan.warmup,
+                                            args.profile, trace=trace)  # fmt: skip
+    print(f"# where {args.profile} training steps of {arch} spend their time", flush=True)
+    print(table, flush=True)
+    clock = "gpu" if plan.on_gpu else "cpu"
+    for rank, op in enumerate(ops, start=1):
+        record(f"profile/{arch}/top{rank}", op.share, f"fraction of {clock} self time", op=op.name,
+               self_ms=round(op.self_ms, 3), calls=op.calls, steps=args.profile)  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> list[Figure]:
+    plan = _plan(args)
+    if plan.on_gpu:
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
-    data_dir = Path(args.data_dir)
 
-    def datamodule(workers: int) -> CIFARDataModule:
-        dm = CIFARDataModule(data_dir=str(data_dir), batch_size=batch, val_size=args.val_size,
+    def make_dm(workers: int) -> CIFARDataModule:
+        dm = CIFARDataModule(data_dir=args.data_dir, batch_size=plan.batch, val_size=args.val_size,
                              num_workers=workers, cache_dir=args.cache_dir)  # fmt: skip
         dm.prepare_data()
         dm.setup("fit")
         return dm
 
-    dm = datamodule(args.workers)
-    print(f"# {_environment(device)}; batch {batch}; precision {precision}; workers {args.workers}", flush=True)
-    figures: list[Figure] = []
-
-    def record(name: str, value: float, unit: str = "images/s", **details: object) -> None:
-        figure = Figure(name, value, unit, device.type, {"batch_size": batch, **details})
-        figures.append(figure)
-        print(figure.json_line(), flush=True)
-
-    ours = benchmark.our_pipeline(dm, device, warmup, max(iterations, 100))
-    record("data/ours", ours, workers=args.workers)
-    pil = benchmark.pil_pipeline(data_dir, batch, args.workers, device, min(warmup, 2), min(iterations, 10))
-    record("data/pil_baseline", pil, workers=args.workers)
-    record("data/ratio_ours_over_pil", ours / pil, "x")
-    if args.workers > 0:
-        # Our batches come from memory, so worker processes only add a hop; show what no workers give.
-        in_process = benchmark.our_pipeline(datamodule(0), device, warmup, max(iterations, 100))
-        record("data/ours_no_workers", in_process, workers=0)
-        record("data/ratio_ours_no_workers_over_pil", in_process / pil, "x", pil_workers=args.workers)
-
-    for index, arch in enumerate(archs):
-        # Lightning and the plain loop take turns, so a burst of load from elsewhere hits both alike.
-        lits, plains = [], []
-        for _ in range(args.rounds):
-            lits.append(benchmark.lightning_training(arch, dm, device, precision, channels_last, False, warmup,
-                                                     iterations))  # fmt: skip
-            plains.append(benchmark.plain_training(arch, dm, device, precision, channels_last, warmup, iterations))
-        lit, plain = statistics.median(lits), statistics.median(plains)
-        record(f"train/{arch}/lightning", lit, precision=precision, channels_last=channels_last, rounds=lits)
-        record(f"train/{arch}/plain_loop", plain, precision=precision, channels_last=channels_last, rounds=plains)
-        ratios = [p / q for p, q in zip(plains, lits, strict=True)]
-        record(f"train/{arch}/step_time_ratio_lightning_over_plain", statistics.median(ratios), "x", rounds=ratios)
-        record(f"train/{arch}/data_share_of_step", lit / ours, "fraction")
-        # What a 200-epoch run of this training split costs at this rate (validation not included).
-        minutes = 200 * len(dm.train_split) / lit / 60
-        record(f"train/{arch}/projected_200_epochs", minutes, "minutes", train_images=len(dm.train_split))
-        if index == 0:
-            other = benchmark.lightning_training(arch, dm, device, precision, not channels_last, False, warmup,
-                                                 iterations)  # fmt: skip
-            record(f"train/{arch}/lightning_channels_last_{not channels_last}", other, precision=precision)
-            if args.compile:
-                compiled = benchmark.lightning_training(arch, dm, device, precision, channels_last, True,
-                                                        warmup, iterations)  # fmt: skip
-                record(f"train/{arch}/lightning_compiled", compiled, precision=precision)
+    dm = make_dm(args.workers)
+    print(f"# {_environment(plan.device)}; batch {plan.batch}; precision {plan.precision}; workers {args.workers}",
+          flush=True)  # fmt: skip
+    record = _Recorder(plan)
+    ours = _data_figures(plan, args, make_dm, dm, record)
+    _training_figures(plan, args, dm, ours, record)
     if args.profile:
-        trace = Path(args.profile_trace) if args.profile_trace else None
-        ops, table = benchmark.profile_training(archs[0], dm, device, precision, channels_last, warmup, args.profile,
-                                                trace=trace)  # fmt: skip
-        print(f"# where {args.profile} training steps of {archs[0]} spend their time", flush=True)
-        print(table, flush=True)
-        clock = "gpu" if on_gpu else "cpu"
-        for rank, op in enumerate(ops, start=1):
-            record(f"profile/{archs[0]}/top{rank}", op.share, f"fraction of {clock} self time", op=op.name,
-                   self_ms=round(op.self_ms, 3), calls=op.calls, steps=args.profile)  # fmt: skip
-    return figures
+        _profile_figures(plan, args, dm, record)
+    return record.figures
 
 
 def format_table(figures: list[Figure]) -> str:
