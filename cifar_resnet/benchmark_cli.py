@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from cifar_resnet.cli import OneLineErrorParser
 from cifar_resnet.data import CIFARDataModule
 from cifar_resnet.errors import UserError
 from cifar_resnet.models import list_models
+from cifar_resnet.script_io import run_reporting_user_errors
 from cifar_resnet.trainer import resolve_precision
 
 
@@ -223,12 +223,13 @@ def format_table(figures: list[Figure]) -> str:
 
 
 def benchmark_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``scripts/benchmark.py``."""
     args = build_parser().parse_args(argv)
-    try:
+
+    def work() -> int:
         figures = run(args)
-    except UserError as err:
-        print(f"benchmark.py: error: {err}", file=sys.stderr)
-        return 2
-    print()
-    print(format_table(figures))
-    return 0
+        print()
+        print(format_table(figures))
+        return 0
+
+    return run_reporting_user_errors("benchmark.py", work)
