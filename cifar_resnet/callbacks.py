@@ -135,7 +135,7 @@ class LineProgress(ProgressBar):
         done = batch_idx + 1
         if done % self.every and done != self.total_train_batches:
             return
-        metrics = self.get_metrics(trainer, pl_module)
+        metrics = getattr(pl_module, "step_metrics", {})  # host values of the last logged step: no device read
         epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else "?"
         self._print(
             f"epoch {trainer.current_epoch + 1}/{epochs}  batch {done}/{self.total_train_batches}  "

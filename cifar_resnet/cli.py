@@ -183,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     speed.add_argument("--compile", action="store_true", help="torch.compile the network (slow start, faster steps)")
     speed.add_argument(
+        "--cuda_graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="replay each training step as one CUDA graph (one process on a GPU, any precision but 16-mixed)",
+    )
+    speed.add_argument(
         "--data_on_device",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -300,6 +306,7 @@ def run_fit(args: argparse.Namespace) -> dict[str, Any]:
         zero_init_residual=args.zero_init_residual,
         channels_last=args.channels_last,
         compile_model=args.compile,
+        cuda_graphs=args.cuda_graphs,
     )
     settings = TrainerSettings(
         arch=args.arch,

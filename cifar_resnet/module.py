@@ -1,28 +1,48 @@
-"""The LightningModule: a registry backbone, cross-entropy, SGD with momentum, cosine LR per step."""
+"""The LightningModule: a registry backbone, cross-entropy, fused SGD with momentum, a closed-form LR per step."""
 
 from __future__ import annotations
 
-import math
+import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
-from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from cifar_resnet.models import create_model
+from cifar_resnet.schedule import LRSchedule
+from cifar_resnet.train_step import (
+    IMAGES,
+    LOSS_TIMES_IMAGES,
+    TOP1_HITS,
+    TOPK_HITS,
+    CUDAGraphBackend,
+    GraphBackend,
+    GraphedStep,
+    TrainingTally,
+)
+
+_AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+# Precisions whose whole step can be captured: 16-mixed scales the loss through Lightning's GradScaler.
+_GRAPHABLE_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-true", "64-true")
 
 
 class ImageClassifier(L.LightningModule):
     """Trains ``create_model(arch)`` on normalised image batches.
 
     Hyperparameters are plain Python values (saved in checkpoints, which therefore load with
-    ``weights_only=True``). The LR follows a per-step cosine over the whole run, sized from
-    ``trainer.estimated_stepping_batches``, after an optional linear warm-up.
+    ``weights_only=True``). Optimisation is manual: one call does the whole step (forward, loss, backward,
+    fused SGD update, on-device sums), so on a GPU it can be replayed as one CUDA graph, and nothing in it
+    reads a value back to the host. The LR is a closed form of the step (:class:`LRSchedule`) written into
+    a device tensor that the fused SGD kernel reads.
     """
+
+    # How the step is captured and replayed on CUDA; tests substitute a stand-in that replays eagerly.
+    graph_backend: Callable[[], GraphBackend] = CUDAGraphBackend
 
     def __init__(
         self,
@@ -38,21 +58,35 @@ class ImageClassifier(L.LightningModule):
         zero_init_residual: bool = False,
         channels_last: bool = False,
         compile_model: bool = False,
+        cuda_graphs: bool = True,
+        schedule: str = "cosine",
+        milestones: tuple[float, ...] = (0.5, 0.75),
+        gamma: float = 0.1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.automatic_optimization = False
         self.model = create_model(arch, num_classes=num_classes, zero_init_residual=zero_init_residual)
-        top5 = min(5, num_classes)
-        for stage in ("train", "val", "test"):
-            setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, top_k=1, average="micro"))
-            setattr(self, f"{stage}_acc_top5", MulticlassAccuracy(num_classes, top_k=top5, average="micro"))
-            # MeanMetric's NaN check would read a flag back every step; DivergenceStop watches the loss instead.
+        top_k = min(5, num_classes)
+        self.tally = TrainingTally(top_k=top_k)
+        for stage in ("val", "test"):
+            # validate_args=False: the argument checks call torch.unique on the targets, a host sync per batch.
+            for name, k in (("acc", 1), ("acc_top5", top_k)):
+                metric = MulticlassAccuracy(num_classes, top_k=k, average="micro", validate_args=False)
+                setattr(self, f"{stage}_{name}", metric)
+            # MeanMetric's NaN check would read a flag back every batch.
             setattr(self, f"{stage}_loss", MeanMetric(nan_strategy="disable"))
         # Read, logged and reset once per validation by eval_callbacks.ValidationReport (no per-step sync).
-        self.val_confusion = MulticlassConfusionMatrix(num_classes)
+        self.val_confusion = MulticlassConfusionMatrix(num_classes, validate_args=False)
         self.val_acc_best = MaxMetric()
         # Metric states are not part of state_dict by default; the best accuracy must survive a resume.
         self.val_acc_best.persistent(True)
+        self.lr_schedule: LRSchedule | None = None
+        self.step_metrics: dict[str, float] = {}  # the last logged step scalars, for progress displays
+        self._lr: torch.Tensor | None = None
+        self._graphed: GraphedStep | None = None
+        self._tally_epoch: int | None = None
+        self._planned_steps: int | None = None  # the schedule length a restored checkpoint was trained with
 
     def configure_model(self) -> None:
         """Speed switches that change how, not what, the network computes."""
@@ -71,21 +105,141 @@ class ImageClassifier(L.LightningModule):
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    # ------------------------------------------------------------------ training
+
+    def _autocast(self) -> contextlib.AbstractContextManager[None]:
+        """Mixed precision inside the step itself, with autocast's weight cache off as CUDA graph capture needs
+        (the cache only helps a weight used twice in one forward, which a ResNet does not do)."""
+        dtype = _AUTOCAST_DTYPES.get(str(self.trainer.precision))
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype, cache_enabled=False)
+
+    def _step(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        backward: Callable[[torch.Tensor], None],
+        optimizer_step: Callable[[], Any],
+    ) -> None:
+        """One whole optimizer step. Gradients are zeroed, not dropped, so their storage stays in place."""
+        optimizer = self._optimizer()
+        optimizer.zero_grad(set_to_none=False)
+        with self._autocast():
+            logits = self(images)
+            loss = self._loss(logits, labels)
+        backward(loss)
+        optimizer_step()
+        self.tally.update(loss, logits, labels)
+        self._last_loss = loss
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        optimizer = self.optimizers()
+        return optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+
+    def _graphs_apply(self) -> tuple[bool, str]:
+        """Whether this run replays its step as a CUDA graph, and why not when it does not."""
+        if not self.hparams.cuda_graphs:
+            return False, "--no-cuda_graphs"
+        if self.device.type != "cuda" and self.graph_backend is CUDAGraphBackend:
+            return False, f"training on {self.device.type}"
+        if self.trainer.world_size > 1:
+            return False, f"{self.trainer.world_size} processes (graphs are single-process here)"
+        if str(self.trainer.precision) not in _GRAPHABLE_PRECISIONS:
+            return False, f"--precision {self.trainer.precision}"
+        return True, ""
+
+    def _count_optimizer_step(self) -> None:
+        """Count a replayed step as Lightning counts ``optimizer.step()`` under manual optimization.
+
+        A replay runs the SGD update inside the graph, so Lightning's optimizer wrapper, which would launch it
+        again, is not called; its bookkeeping (``global_step``, saved in checkpoints) is done here instead.
+        """
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        progress.increment_ready()
+        progress.increment_completed()
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
-        logits = self(images)
-        loss = self._loss(logits, labels)
-        # Metrics accumulate on the device; nothing here waits for the GPU.
-        self.train_loss(loss.detach())
-        self.train_acc(logits.detach(), labels)
-        self.train_acc_top5(logits.detach(), labels)
-        self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
-        return loss
+        step = self.global_step
+        lr = self._set_lr(step)
+        if self._graphed is not None:
+            self._graphed(images, labels)
+            self._count_optimizer_step()
+        else:
+            lightning_optimizer = self.optimizers()
+            self._step(images, labels, self.manual_backward, lightning_optimizer.step)
+        self._log_step_scalars(step, lr)
+
+    def _set_lr(self, step: int) -> float:
+        assert self.lr_schedule is not None and self._lr is not None
+        lr = self.lr_schedule(step)
+        self._lr.fill_(lr)  # a kernel argument, not a copy: no host-device sync
+        return lr
+
+    def _log_step_scalars(self, step: int, lr: float) -> None:
+        """Every ``log_every_n_steps`` steps: the step's loss (one read from the device) and LR, to the loggers."""
+        if (step + 1) % max(1, self.trainer.log_every_n_steps):
+            return
+        self.step_metrics = {"train/loss_step": float(self._last_loss.detach().float()), "train/lr": lr}
+        for logger in self.loggers:
+            logger.log_metrics(self.step_metrics, step=step)
+
+    def on_train_start(self) -> None:
+        """Plan the LR for this run's length, point the optimizer at the LR tensor, and set up the graph.
+
+        A run resumed with another ``--max_epochs`` gets the schedule of its new length: the remaining steps
+        follow it as if the run had started with it (a closed form needs no scheduler state to rewrite).
+        """
+        optimizer = self._optimizer()
+        self.lr_schedule = schedule = self._make_schedule()
+        if self._planned_steps is not None and self._planned_steps != schedule.total_steps:
+            rank_zero_info(
+                f"LR schedule re-planned for --max_epochs {self.trainer.max_epochs}: {schedule.describe()} "
+                f"(was {self._planned_steps:,} steps); lr at step {self.global_step} is now "
+                f"{schedule(self.global_step):.4g}"
+            )
+        assert self._lr is not None, "configure_optimizers creates the LR tensor"
+        for group in optimizer.param_groups:  # a restored optimizer holds the saved LR as a number
+            group["lr"] = self._lr
+        self.tally.step.fill_(self.global_step)
+        use_graphs, _ = self._graphs_apply()
+        self._graphed = None
+        if use_graphs:
+            self._graphed = GraphedStep(
+                lambda images, labels: self._step(images, labels, torch.Tensor.backward, optimizer.step),
+                self.graph_backend(),
+            )
+
+    def _make_schedule(self) -> LRSchedule:
+        hp = self.hparams
+        return LRSchedule.for_run(
+            hp.lr,
+            int(self.trainer.estimated_stepping_batches),
+            self.trainer.max_epochs or 1,
+            hp.warmup_epochs,
+            hp.schedule,
+            tuple(hp.milestones),
+            hp.gamma,
+        )
+
+    def on_train_epoch_start(self) -> None:
+        # A mid-epoch checkpoint carries the epoch's partial sums; any other start begins from zero.
+        if self._tally_epoch != self.current_epoch:
+            self.tally.reset_sums()
+            self._tally_epoch = self.current_epoch
 
     def on_train_epoch_end(self) -> None:
-        self.log("train/loss", self.train_loss, on_epoch=True)
-        self.log("train/acc", self.train_acc, on_epoch=True, prog_bar=True)
-        self.log("train/acc_top5", self.train_acc_top5, on_epoch=True)
+        sums = self.tally.sums.clone()
+        if self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        sums = sums.cpu()  # the epoch's one read of the training sums
+        images = sums[IMAGES].clamp_min(1)
+        self.log("train/loss", sums[LOSS_TIMES_IMAGES] / images, sync_dist=False)
+        self.log("train/acc", sums[TOP1_HITS] / images, prog_bar=True, sync_dist=False)
+        self.log("train/acc_top5", sums[TOPK_HITS] / images, sync_dist=False)
+
+    # ------------------------------------------------------------------ evaluation
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
         images, labels = batch
@@ -128,52 +282,46 @@ class ImageClassifier(L.LightningModule):
         without = [p for p in self.parameters() if p.requires_grad and p.ndim <= 1]
         return [{"params": with_decay, "weight_decay": decay}, {"params": without, "weight_decay": 0.0}]
 
-    def on_train_start(self) -> None:
-        """Re-plan the cosine when a run resumes with another ``--max_epochs``.
-
-        The restored scheduler keeps the length it was planned with, and a cosine followed past its end
-        rises again. The remaining steps instead follow the cosine of the new length, as if the run had
-        started with it: the LR moves to that curve's value at the current step and decays to 0 at the new end.
-        """
-        scheduler = self.lr_schedulers()
-        cosine = scheduler._schedulers[-1] if isinstance(scheduler, SequentialLR) else scheduler
-        if not isinstance(cosine, CosineAnnealingLR) or cosine.T_max == self._cosine_steps:
-            return
-        previous, cosine.T_max = cosine.T_max, self._cosine_steps
-        step = max(cosine.last_epoch, 0)
-        if isinstance(scheduler, SequentialLR) and scheduler.last_epoch < scheduler._milestones[0]:
-            return  # still warming up: the cosine starts later with its new length
-        progress = math.cos(math.pi * min(step, cosine.T_max) / cosine.T_max)
-        for group, base_lr in zip(cosine.optimizer.param_groups, cosine.base_lrs, strict=True):
-            group["lr"] = cosine.eta_min + (base_lr - cosine.eta_min) * (1 + progress) / 2
-        cosine._last_lr = [group["lr"] for group in cosine.optimizer.param_groups]
-        rank_zero_info(
-            f"LR schedule re-planned for --max_epochs {self.trainer.max_epochs}: cosine over "
-            f"{cosine.T_max} steps (was {previous}); lr at step {self.trainer.global_step} is now "
-            f"{cosine._last_lr[0]:.4g}"
-        )
-
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Fused SGD (one kernel for the whole update) reading its LR from a tensor on the model's device."""
         hp = self.hparams
-        optimizer = torch.optim.SGD(
-            self._param_groups(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov and hp.momentum > 0
+        self._lr = torch.full((), hp.lr, dtype=torch.float32, device=self.device)
+        return torch.optim.SGD(
+            self._param_groups(),
+            lr=self._lr,
+            momentum=hp.momentum,
+            nesterov=hp.nesterov and hp.momentum > 0,
+            fused=True,
         )
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
-        warmup_steps = min(total_steps - 1, round(hp.warmup_epochs * steps_per_epoch))
-        self._cosine_steps = total_steps - warmup_steps
-        cosine = CosineAnnealingLR(optimizer, T_max=self._cosine_steps)
-        if warmup_steps > 0:
-            # Step s of the warm-up runs at (s + 1) / warmup_steps of the peak, reaching it on the last one.
-            warmup = LinearLR(
-                optimizer, start_factor=1.0 / warmup_steps, end_factor=1.0, total_iters=max(1, warmup_steps - 1)
-            )
-            scheduler: torch.optim.lr_scheduler.LRScheduler = SequentialLR(
-                optimizer, [warmup, cosine], milestones=[warmup_steps]
-            )
-        else:
-            scheduler = cosine
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1, "name": "train/lr"},
-        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The LR tensor belongs to this process; the checkpoint stores the next step's LR as a number, as an
+        # optimizer driven by a torch scheduler would.
+        next_lr = self.lr_schedule(self.global_step) if self.lr_schedule is not None else self.hparams.lr
+        for state in checkpoint.get("optimizer_states", []):
+            for group in state.get("param_groups", []):
+                group["lr"] = next_lr
+        checkpoint["lr_schedule_steps"] = self.lr_schedule.total_steps if self.lr_schedule is not None else None
+        checkpoint["tally_epoch"] = self._tally_epoch
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._planned_steps = checkpoint.get("lr_schedule_steps")
+        self._tally_epoch = checkpoint.get("tally_epoch")
+        _upgrade_automatic_optimization_checkpoint(checkpoint, self.tally.state_dict(prefix="tally."))
+
+
+def _upgrade_automatic_optimization_checkpoint(checkpoint: dict[str, Any], tally_state: dict[str, Any]) -> None:
+    """Let a checkpoint written when this module used automatic optimization resume under manual optimization.
+
+    Its optimizer steps were counted by the automatic loop (the manual counter, which ``global_step`` now
+    reads, is 0), and its state dict lacks the training tally, whose empty state is right at an epoch's start.
+    """
+    loops = checkpoint.get("loops", {}).get("fit_loop", {})
+    manual_key = "epoch_loop.manual_optimization.optim_step_progress"
+    automatic = loops.get("epoch_loop.automatic_optimization.optim_progress", {}).get("optimizer", {}).get("step")
+    manual = loops.get(manual_key)
+    if automatic and manual and manual["total"]["completed"] == 0 and automatic["total"]["completed"] > 0:
+        loops[manual_key] = {part: dict(counts) for part, counts in automatic.items()}
+    state = checkpoint.get("state_dict", {})
+    for key, value in tally_state.items():
+        state.setdefault(key, value.detach().cpu().clone())

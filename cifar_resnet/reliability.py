@@ -132,47 +132,32 @@ def _numpy_state() -> dict[str, Any]:
 class DivergenceStop(Callback):
     """Stops training after ``max_nonfinite`` consecutive non-finite training losses.
 
-    The check runs on the device: a running count of consecutive non-finite losses and the step where the
-    current run began are kept as tensors, and the host reads them only every ``check_every`` steps and
-    at the end of each epoch, so the GPU's queue is drained rarely. Detection can therefore come up to
-    ``check_every`` steps late; the checkpoint IO refuses non-finite weights in the meantime.
+    The module's :class:`~cifar_resnet.train_step.TrainingTally` follows the streak on the device inside the
+    training step; the host reads where a streak tripped only every ``check_every`` steps and at the end of
+    each epoch, so the GPU's queue is drained rarely. Detection can therefore come up to ``check_every``
+    steps late; the checkpoint IO refuses non-finite weights in the meantime.
     """
 
     def __init__(self, max_nonfinite: int = 3, check_every: int = 50) -> None:
         self.max_nonfinite = max_nonfinite
         self.check_every = max(check_every, max_nonfinite)
-        self._run: torch.Tensor | None = None
-        self._start: torch.Tensor | None = None
-        self._tripped: torch.Tensor | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        device = pl_module.device
-        self._run = torch.zeros((), dtype=torch.int64, device=device)
-        self._start = torch.zeros((), dtype=torch.int64, device=device)
-        self._tripped = torch.full((), -1, dtype=torch.int64, device=device)
+        pl_module.tally.max_nonfinite = self.max_nonfinite
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is None or self._run is None:
+        if trainer.global_step % self.check_every and batch_idx + 1 != trainer.num_training_batches:
             return
-        assert self._start is not None and self._tripped is not None
-        bad = ~torch.isfinite(loss.detach())
-        step = trainer.global_step - 1  # 0-based index of the step just taken (global_step already counts it)
-        self._run = torch.where(bad, self._run + 1, torch.zeros_like(self._run))
-        self._start = torch.where(bad & (self._run == 1), torch.full_like(self._start, step), self._start)
-        newly = (self._run >= self.max_nonfinite) & (self._tripped < 0)
-        self._tripped = torch.where(newly, self._start, self._tripped)
-        if (step + 1) % self.check_every == 0 or batch_idx + 1 == trainer.num_training_batches:
-            first = int(self._tripped)  # the one host sync, every check_every steps
-            if first >= 0:
-                lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
-                raise NonFiniteWeightsError(
-                    f"training diverged: {self.max_nonfinite} consecutive non-finite losses from training step {first} "
-                    f"(lr then {lr:.3g}); no checkpoint was written after it; lower --lr (or raise "
-                    "--warmup_epochs) and resume from the last checkpoint or start again"
-                )
+        first = int(pl_module.tally.diverged_at)  # the one host read, every check_every steps
+        if first >= 0:
+            lr = pl_module.lr_schedule(first) if pl_module.lr_schedule is not None else float("nan")
+            raise NonFiniteWeightsError(
+                f"training diverged: {self.max_nonfinite} consecutive non-finite losses from training step {first} "
+                f"(lr then {lr:.3g}); no checkpoint was written after it; lower --lr (or raise "
+                "--warmup_epochs) and resume from the last checkpoint or start again"
+            )
 
 
 class GracefulInterrupt(Callback):

@@ -12,7 +12,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -36,6 +36,8 @@ class _DropAdverts(logging.Filter):
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
 # Lightning 2.6 calls a torch pytree check that newer torch deprecates; the user can do nothing about it.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+# The training step is one manual optimizer step whose checkpoints are meant to hold the state after it.
+warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization and every_n_train_steps")
 
 
 def uses_cuda(accelerator: str) -> bool:
@@ -142,7 +144,6 @@ def build_trainer(settings: TrainerSettings) -> tuple[L.Trainer, Checkpoints]:
         RNGState(),
         DivergenceStop(settings.max_nonfinite_steps),
         GracefulInterrupt(checkpoints.last),
-        LearningRateMonitor(logging_interval="step"),
         EpochThroughput(),
         AugmentationPreview(),
         SaveRunArguments(settings.run_arguments),

@@ -1,8 +1,6 @@
 """Speed switches change how the network computes, never what it computes."""
 
-import traceback
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import pytest
@@ -70,51 +68,6 @@ def test_worker_processes_yield_the_same_tensor_batches(tiny_folder: Path, tmp_p
         assert isinstance(w_images, torch.Tensor) and isinstance(w_labels, torch.Tensor)
         assert w_images.dtype == torch.uint8 and w_labels.dtype == torch.int64
         assert torch.equal(images, w_images) and torch.equal(labels, w_labels)
-
-
-# Python-side reads of tensor values; each one waits for the GPU when the tensor lives there.
-_HOST_READS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "nonzero", "unique")
-
-
-def test_the_training_step_never_reads_a_tensor_back_to_the_host(
-    tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from tests.test_fit import fit, fit_args
-
-    reads: list[str] = []
-    inside_step = False
-
-    def spy(name: str, original: Any) -> Any:
-        def read(*args: Any, **kwargs: Any) -> Any:
-            if inside_step:
-                caller = traceback.extract_stack(limit=3)[0]
-                reads.append(f"{name} at {caller.filename}:{caller.lineno}")
-            return original(*args, **kwargs)
-
-        return read
-
-    for name in _HOST_READS:
-        monkeypatch.setattr(torch.Tensor, name, spy(name, getattr(torch.Tensor, name)))
-    for name in ("nonzero", "unique"):
-        monkeypatch.setattr(torch, name, spy(f"torch.{name}", getattr(torch, name)))
-
-    def watch(owner: type, method: str) -> None:
-        original = getattr(owner, method)
-
-        def watched(*args: Any, **kwargs: Any) -> Any:
-            nonlocal inside_step
-            inside_step = True
-            try:
-                return original(*args, **kwargs)
-            finally:
-                inside_step = False
-
-        monkeypatch.setattr(owner, method, watched)
-
-    watch(ImageClassifier, "training_step")  # forward, loss and on-device metric updates
-    watch(CIFARDataModule, "on_after_batch_transfer")  # batch augmentation
-    fit(*fit_args(tiny_folder, tmp_path / "logs", "--max_epochs", "1", "--no_test"))
-    assert reads == [], sorted(set(reads))
 
 
 def test_precision_auto_picks_bf16_on_gpus_that_have_it_and_refuses_it_where_they_do_not(

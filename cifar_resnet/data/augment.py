@@ -21,6 +21,17 @@ import torch.nn.functional as F
 _LUMA = (0.299, 0.587, 0.114)
 
 
+def to_device(host: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A tensor drawn on the host, on ``device``.
+
+    A copy from pageable host memory to a GPU waits for the GPU to finish its queued work; from pinned
+    memory it is asynchronous. So draws bound for a GPU are pinned first.
+    """
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device=device, dtype=dtype, non_blocking=True)
+
+
 def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=gen) * (high - low) + low
 
@@ -35,13 +46,13 @@ def random_crop_and_flip(x: torch.Tensor, padding: int, flip_p: float, gen: torc
     n, c, h, w = x.shape
     dy = torch.randint(0, 2 * padding + 1, (n,), generator=gen)
     dx = torch.randint(0, 2 * padding + 1, (n,), generator=gen)
-    flip = torch.rand(n, generator=gen) < flip_p
-    # Only the 3 draws per sample cross to the device; the (n, h, w) index grid is built where x lives.
-    dy, dx, flip = (t.to(x.device, non_blocking=True) for t in (dy, dx, flip))
+    flip = (torch.rand(n, generator=gen) < flip_p).long()
+    # Only the 3 draws per sample cross to the device, in one copy; the (n, h, w) index grid is built there.
+    dy, dx, flip = to_device(torch.stack((dy, dx, flip)), x.device).unbind(0)
     padded_w = w + 2 * padding
     source = F.pad(x, (padding, padding, padding, padding)) if padding > 0 else x
     cols = torch.arange(w, device=x.device)
-    cols = torch.where(flip[:, None], cols.flip(0), cols)  # (n, w)
+    cols = torch.where(flip[:, None].bool(), cols.flip(0), cols)  # (n, w)
     rows = torch.arange(h, device=x.device)[None, :, None] + dy[:, None, None]  # (n, h, 1)
     index = rows * padded_w + (cols + dx[:, None])[:, None, :]
     index = index.view(n, 1, h * w).expand(n, c, h * w)
@@ -78,7 +89,7 @@ def random_resized_crop(
     cy = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sy)
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, cx, sy, cy
-    theta = theta.to(device=x.device, dtype=x.dtype, non_blocking=True)
+    theta = to_device(theta, x.device, x.dtype)
     grid = F.affine_grid(theta, [n, x.shape[1], h, w], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
@@ -89,7 +100,7 @@ def _grayscale(x: torch.Tensor) -> torch.Tensor:
 
 
 def _per_sample(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return values.to(device=x.device, dtype=x.dtype, non_blocking=True).view(-1, 1, 1, 1)
+    return to_device(values, x.device, x.dtype).view(-1, 1, 1, 1)
 
 
 def color_jitter(
@@ -118,7 +129,7 @@ def color_jitter(
         rot[:, 0, 0] = 1
         rot[:, 1, 1], rot[:, 1, 2] = torch.cos(angle), -torch.sin(angle)
         rot[:, 2, 1], rot[:, 2, 2] = torch.sin(angle), torch.cos(angle)
-        mix = (torch.linalg.inv(to_yiq) @ rot @ to_yiq).to(device=x.device, dtype=x.dtype, non_blocking=True)
+        mix = to_device(torch.linalg.inv(to_yiq) @ rot @ to_yiq, x.device, x.dtype)
         x = torch.einsum("nij,njhw->nihw", mix, x).clamp(0, 1)
     return x
 
@@ -131,8 +142,9 @@ def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
     if size <= 0:
         return x
     n, _, h, w = x.shape
-    cy = torch.randint(0, h, (n, 1), generator=gen).to(x.device, non_blocking=True)
-    cx = torch.randint(0, w, (n, 1), generator=gen).to(x.device, non_blocking=True)
+    cy = torch.randint(0, h, (n, 1), generator=gen)
+    cx = torch.randint(0, w, (n, 1), generator=gen)
+    cy, cx = to_device(torch.stack((cy, cx)), x.device).unbind(0)
     ys = torch.arange(h, device=x.device)[None, :]
     xs = torch.arange(w, device=x.device)[None, :]
     in_rows = (ys >= cy - size // 2) & (ys < cy - size // 2 + size)
@@ -142,32 +154,48 @@ def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
 
 
 class Normalize(torch.nn.Module):
-    """uint8 ``(N, 3, H, W)`` in [0, 255] to float32, then per-channel ``(x - mean) / std``."""
+    """uint8 ``(N, 3, H, W)`` in [0, 255] to float32, then per-channel ``(x - mean) / std``.
+
+    The constants are copied to a batch's device once and kept there: the DataModule that owns this module
+    is no ``nn.Module``, so nothing moves its buffers, and copying them for every batch would make every
+    batch wait for the GPU.
+    """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self._on_device: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``mean``, ``std``, and the uint8 multiply-add's scale and shift, on ``device``."""
+        if device not in self._on_device:
+            host = torch.stack((self.mean, self.std, 1.0 / (255.0 * self.std), -self.mean / self.std))
+            self._on_device[device] = tuple(to_device(host, device).unbind(0))
+        mean, std, scale, shift = self._on_device[device]
+        return mean, std, scale, shift
 
     def to_unit(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 in [0, 255] to float32 in [0, 1]."""
         return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Float in [0, 1] to normalised; buffers follow the batch's device."""
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        """Float in [0, 1] to normalised."""
+        mean, std, _, _ = self._constants(x.device)
+        return (x - mean) / std
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Back to [0, 1] for display."""
-        return (x * self.std.to(x.device) + self.mean.to(x.device)).clamp(0, 1)
+        mean, std, _, _ = self._constants(x.device)
+        return (x * std + mean).clamp(0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 in [0, 255] or float in [0, 1] to normalised float32."""
         if x.dtype != torch.uint8:
             return self.normalize(x.float())
         # (x / 255 - mean) / std as one multiply-add that reads uint8 and writes float32.
-        scale = (1.0 / (255.0 * self.std)).to(x.device)
-        return torch.addcmul((-self.mean / self.std).to(x.device), x, scale)
+        _, _, scale, shift = self._constants(x.device)
+        return torch.addcmul(shift, x, scale)
 
 
 @dataclass(frozen=True)

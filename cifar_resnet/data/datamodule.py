@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from torchvision.datasets.folder import find_classes
 
 from cifar_resnet.data.augment import AugmentConfig, BatchAugment, Normalize
@@ -49,7 +49,8 @@ class TensorImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images[index], self.labels[index]
 
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitems__(self, indices: list[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Index tensors from EpochBatchSampler are pinned when the images live on a GPU: an asynchronous copy.
         idx = torch.as_tensor(indices, dtype=torch.int64).to(self.images.device, non_blocking=True)
         images, labels = self.images[idx], self.labels[idx]
         if get_worker_info() is not None:
@@ -57,23 +58,51 @@ class TensorImageDataset(Dataset):
         return images, labels
 
 
-class TrainerEpochSampler(DistributedSampler):
-    """A DistributedSampler that takes its epoch from the trainer whenever iteration starts.
+class EpochBatchSampler(Sampler[Any]):
+    """This process's training batches of one epoch, as index tensors.
 
-    Lightning calls ``set_epoch`` at each epoch start, but after a resume with persistent worker processes
-    the loader's iterator can be created (and its first batches prefetched) before that call, replaying
-    epoch 0's order (lightning #21938). Reading the epoch at ``__iter__`` closes that gap.
+    The order is the one torch's ``DistributedSampler`` draws for ``(seed, epoch)`` with ``drop_last``: one
+    permutation of the whole set, this rank's every ``world``-th element of its first ``world * (n // world)``,
+    cut into full batches. Batches are slices of one index tensor, not Python lists, and the tensor is pinned
+    when the batches feed a GPU, so sending each batch's indices to the device is an asynchronous copy.
+
+    The epoch is read from the trainer whenever iteration starts: after a resume with persistent worker
+    processes the loader's iterator can be created before Lightning restores its epoch counter, which would
+    replay epoch 0's order (lightning #21938).
     """
 
-    def __init__(self, dataset: Dataset, world: int, rank: int, seed: int, epoch_of: Any) -> None:
-        super().__init__(dataset, world, rank, shuffle=True, seed=seed, drop_last=True)
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        world: int,
+        rank: int,
+        seed: int,
+        epoch_of: Callable[[], int],
+        pin_memory: bool = False,
+        as_lists: bool = False,
+    ) -> None:
+        self.size, self.batch_size, self.world, self.rank, self.seed = size, batch_size, world, rank, seed
         self.epoch_of = epoch_of
+        self.pin_memory = pin_memory
+        self.as_lists = as_lists  # worker processes receive lists: a tensor would travel through shared memory
 
-    def __iter__(self) -> Any:
-        epoch = self.epoch_of()
-        if epoch is not None:
-            self.set_epoch(epoch)
-        return super().__iter__()
+    def __len__(self) -> int:
+        return (self.size // self.world) // self.batch_size
+
+    def indices(self, epoch: int) -> torch.Tensor:
+        """This rank's sample order of ``epoch``."""
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
+        per_rank = self.size // self.world
+        return order[: per_rank * self.world][self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[Any]:
+        mine = self.indices(self.epoch_of())
+        if self.pin_memory:
+            mine = mine.pin_memory()
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            batch = mine[start : start + self.batch_size]
+            yield batch.tolist() if self.as_lists else batch
 
 
 def keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,14 +240,14 @@ class CIFARDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
-    def _current_epoch(self) -> int | None:
-        """The epoch the next training iteration belongs to.
+    def _current_epoch(self) -> int:
+        """The epoch the next training iteration belongs to (0 outside a trainer).
 
         On resume Lightning creates the loader's iterator before it restores its loop counters, so the
         epoch saved by :meth:`state_dict` is the floor until the loop catches up.
         """
         if self.trainer is None:
-            return None
+            return 0
         return max(self.trainer.fit_loop.epoch_progress.current.processed, self._resume_epoch)
 
     def state_dict(self) -> dict[str, Any]:
@@ -250,25 +279,17 @@ class CIFARDataModule(L.LightningDataModule):
                 self._resident[key] = ImageSplit(split.images.to(device), split.labels.to(device), split.classes)
             split = self._resident[key]
         dataset = TensorImageDataset(split)
-        # Training order comes from (seed, epoch) through DistributedSampler.set_epoch, which Lightning
-        # calls every epoch; one process is simply a world of one. Evaluation splits are not padded, so
-        # every image counts exactly once however many processes share the work.
-        sampler = (
-            TrainerEpochSampler(dataset, world, rank, self.hparams.data_seed, self._current_epoch)
-            if train
-            else UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
-        )
         workers = 0 if resident else self.hparams.num_workers
-        return TensorBatchLoader(
-            dataset,
-            batch_size=self.hparams.batch_size if train else self.hparams.eval_batch_size,
-            sampler=sampler,
-            drop_last=train,
-            num_workers=workers,
-            collate_fn=keep_batch,
-            pin_memory=on_gpu and not resident,
-            persistent_workers=workers > 0,
-        )
+        common = {"num_workers": workers, "collate_fn": keep_batch, "pin_memory": on_gpu and not resident,
+                  "persistent_workers": workers > 0}  # fmt: skip
+        if train:
+            # Training order comes from (seed, epoch); one process is simply a world of one.
+            batches = EpochBatchSampler(len(dataset), self.hparams.batch_size, world, rank, self.hparams.data_seed,
+                                        self._current_epoch, pin_memory=resident, as_lists=workers > 0)  # fmt: skip
+            return TensorBatchLoader(dataset, batch_sampler=batches, **common)
+        # Evaluation splits are not padded, so every image counts exactly once however many processes share them.
+        sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+        return TensorBatchLoader(dataset, batch_size=self.hparams.eval_batch_size, sampler=sampler, **common)
 
     def train_dataloader(self) -> DataLoader:
         return self.loader("train")

@@ -1,0 +1,385 @@
+"""The graph-ready training step: same arithmetic as an eager loop, no host syncs, LR as a closed form."""
+
+from __future__ import annotations
+
+import copy
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torchmetrics.classification import MulticlassAccuracy
+
+from cifar_resnet.data import CIFARDataModule
+from cifar_resnet.module import ImageClassifier
+from cifar_resnet.schedule import LRSchedule
+from cifar_resnet.train_step import IMAGES, LOSS_TIMES_IMAGES, TOP1_HITS, TOPK_HITS, GraphedStep, TrainingTally
+from tests.conftest import make_image_folder
+
+
+class EagerReplay:
+    """Stands in for a CUDA graph on the CPU: capturing records the step, a replay runs it again on the same
+    static buffers. Everything but CUDA's own recording is exercised: static inputs, in-place LR and sums,
+    zeroed (not dropped) gradients, Lightning's step count."""
+
+    instances: list[EagerReplay] = []  # noqa: RUF012
+
+    def __init__(self) -> None:
+        self.run: Callable[[], None] | None = None
+        self.warmups = 0
+        self.replays = 0
+        self.replaying = False
+        EagerReplay.instances.append(self)
+
+    def warmup(self, run: Callable[[], None]) -> None:
+        self.warmups += 1
+        run()
+
+    def capture(self, run: Callable[[], None]) -> None:
+        self.run = run
+
+    def replay(self) -> None:
+        assert self.run is not None
+        self.replays += 1
+        self.replaying = True
+        try:
+            self.run()
+        finally:
+            self.replaying = False
+
+
+@pytest.fixture
+def graphs_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> type[EagerReplay]:
+    EagerReplay.instances = []
+    monkeypatch.setattr(ImageClassifier, "graph_backend", EagerReplay)
+    return EagerReplay
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """3 classes x 30 training images: 84 after a 6-image validation split, 10 batches of 8 an epoch."""
+    return make_image_folder(tmp_path / "data", per_class={"train": 30})
+
+
+class RecordBatches(L.Callback):
+    """Keeps every training batch as the step receives it (augmented, on its device)."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        self.batches.append((batch[0].clone(), batch[1].clone()))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        self.lrs.append(float(pl_module._lr))  # the LR tensor the fused SGD read in this step
+
+
+def _train(folder: Path, tmp_path: Path, epochs: int = 2, callbacks: list[L.Callback] | None = None,
+           **module_args: Any) -> tuple[ImageClassifier, dict[str, torch.Tensor], L.Trainer]:  # fmt: skip
+    dm = CIFARDataModule(str(folder), batch_size=8, val_size=6, cache_dir=str(tmp_path / "cache"), data_seed=1)
+    torch.manual_seed(0)
+    module = ImageClassifier(arch="resnet20", num_classes=3, **module_args)
+    initial = copy.deepcopy(module.model.state_dict())
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, use_distributed_sampler=False, limit_val_batches=0, callbacks=callbacks or [],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    return module, initial, trainer
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+
+
+@pytest.mark.parametrize(("warmup_epochs", "epochs", "steps_per_epoch"), [(0, 3, 13), (1, 3, 13), (0.5, 4, 7)])
+def test_the_closed_form_lr_equals_torchs_schedulers_at_every_step(
+    warmup_epochs: float, epochs: int, steps_per_epoch: int
+) -> None:
+    total = epochs * steps_per_epoch
+    schedule = LRSchedule.for_run(0.1, total, epochs, warmup_epochs)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    warmup = schedule.warmup_steps
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total - warmup)
+    reference: torch.optim.lr_scheduler.LRScheduler = cosine
+    if warmup:
+        linear = torch.optim.lr_scheduler.LinearLR(optimizer, 1 / warmup, 1.0, total_iters=max(1, warmup - 1))
+        reference = torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
+    for step in range(total):
+        assert schedule(step) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-9, abs=1e-12), step
+        optimizer.step()
+        reference.step()
+    assert schedule(total) == 0.0 and schedule(total + 5) == 0.0, "past the end the LR stays at 0, never rises"
+
+
+def test_multistep_divides_the_lr_at_half_and_three_quarters_like_torchs_multisteplr() -> None:
+    schedule = LRSchedule.for_run(0.1, 200, 10, name="multistep", milestones=(0.5, 0.75), gamma=0.1)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    reference = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[100, 150], gamma=0.1)
+    for step in range(200):
+        assert schedule(step) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-12), step
+        optimizer.step()
+        reference.step()
+    assert schedule.milestone_steps() == (100, 150)
+
+
+# ---------------------------------------------------------------------------------------------- tally
+
+
+def test_the_tally_sums_loss_and_hits_like_torchmetrics_and_follows_a_non_finite_streak() -> None:
+    tally = TrainingTally(top_k=5, max_nonfinite=2)
+    torch.manual_seed(0)
+    all_logits, all_labels, losses = [], [], []
+    for _ in range(4):
+        logits, labels = torch.randn(16, 10), torch.randint(0, 10, (16,))
+        loss = F.cross_entropy(logits, labels)
+        tally.update(loss, logits, labels)
+        all_logits.append(logits)
+        all_labels.append(labels)
+        losses.append(float(loss))
+    logits, labels = torch.cat(all_logits), torch.cat(all_labels)
+    sums = tally.sums
+    assert sums[IMAGES] == 64
+    assert float(sums[LOSS_TIMES_IMAGES] / sums[IMAGES]) == pytest.approx(sum(losses) / 4, rel=1e-6)
+    assert float(sums[TOP1_HITS] / 64) == pytest.approx(
+        float(MulticlassAccuracy(10, top_k=1, average="micro")(logits, labels))
+    )
+    assert float(sums[TOPK_HITS] / 64) == pytest.approx(
+        float(MulticlassAccuracy(10, top_k=5, average="micro")(logits, labels))
+    )
+    # Steps 4..: finite, nan, finite, nan, inf, nan -> the streak of 2 that trips begins at step 7.
+    for value in (1.0, float("nan"), 1.0, float("nan"), float("inf"), float("nan")):
+        tally.update(torch.tensor(value), torch.randn(2, 10), torch.tensor([0, 1]))
+    assert int(tally.diverged_at) == 7 and int(tally.streak) == 3 and int(tally.step) == 10
+    tally.reset_sums()
+    assert torch.equal(tally.sums, torch.zeros(4))
+
+
+# ---------------------------------------------------------------------------------------------- the step
+
+
+def _eager_reference(initial: dict[str, torch.Tensor], batches: list, fused: bool) -> dict[str, torch.Tensor]:
+    """A hand-written eager loop over the same batches: zero_grad, forward, backward, SGD step.
+
+    ``fused=False`` is the step as it was before the graph-ready one: torch's per-tensor SGD with a float LR
+    from CosineAnnealingLR. ``fused=True`` does the same arithmetic as the graph-ready step (one fused SGD
+    kernel, LR read from a tensor): the only difference left is the Lightning and graph plumbing.
+    """
+    from cifar_resnet.models import create_model
+
+    model = create_model("resnet20", num_classes=3)
+    model.load_state_dict(initial)
+    model.train()
+    lr = torch.tensor(0.1) if fused else 0.1
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, fused=fused or None)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=len(batches))
+    schedule = LRSchedule.for_run(0.1, len(batches), 2)
+    for step, (images, labels) in enumerate(batches):
+        if fused:
+            lr.fill_(schedule(step))
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+        if not fused:
+            scheduler.step()
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "graph-stand-in"])
+def test_the_step_trains_exactly_like_an_eager_loop(
+    graphed: bool, folder: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if graphed:
+        request.getfixturevalue("graphs_on_the_cpu")
+    recorder = RecordBatches()
+    module, initial, trainer = _train(folder, tmp_path, callbacks=[recorder], cuda_graphs=graphed)
+    assert trainer.global_step == len(recorder.batches) == 20
+    assert (module._graphed is not None) == graphed
+    got = module.model.state_dict()
+    same_arithmetic = _eager_reference(initial, recorder.batches, fused=True)
+    different = [k for k in got if not torch.equal(got[k], same_arithmetic[k])]
+    assert different == [], f"{len(different)} tensors differ bitwise, first {different[:3]}"
+    # Against the earlier per-tensor SGD the fused kernel rounds a few weights differently in the last bit.
+    before = _eager_reference(initial, recorder.batches, fused=False)
+    for key, value in before.items():
+        assert torch.allclose(got[key].double(), value.double(), rtol=0, atol=1e-5), key
+
+
+def test_a_replayed_graph_holds_the_whole_step_and_counts_every_step(
+    graphs_on_the_cpu: type[EagerReplay], folder: Path, tmp_path: Path
+) -> None:
+    outside: list[str] = []
+
+    class OpsOutsideTheGraph(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            backend = graphs_on_the_cpu.instances[-1] if graphs_on_the_cpu.instances else None
+            if backend is not None and backend.run is not None and not backend.replaying:
+                outside.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    class Watch(L.Callback):
+        def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
+            self.mode = OpsOutsideTheGraph()
+            self.mode.__enter__()
+
+        def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+            self.mode.__exit__(None, None, None)
+
+    module, _, trainer = _train(folder, tmp_path, callbacks=[Watch()])
+    backend = graphs_on_the_cpu.instances[-1]
+    assert (backend.warmups, backend.replays) == (3, 17), "3 eager warm-up steps, then one capture, replayed"
+    assert trainer.global_step == 20 and module.tally.step == 20
+    step_ops = {"convolution", "convolution_backward", "native_batch_norm", "_fused_sgd_", "nll_loss_forward", "topk"}
+    assert step_ops.isdisjoint(outside), sorted(step_ops & set(outside))
+    assert "copy_" in outside and "fill_" in outside, "batch copied into the static buffers, LR tensor filled"
+
+
+# Operations that make the host wait for the device when their input lives on a GPU: reading a value
+# (item, float, bool, int, if tensor), data-dependent output sizes, whole-tensor comparisons, and tensors
+# built from Python data (a blocking copy from pageable memory).
+_SYNCING_OPS = {
+    "_local_scalar_dense", "nonzero", "_unique2", "unique_dim", "unique_consecutive", "masked_select", "is_nonzero",
+    "equal", "lift_fresh", "repeat_interleave", "bincount", "histc",
+}  # fmt: skip
+
+
+class SyncRecorder(TorchDispatchMode):
+    """Every syncing op, with the training batch during which it ran (all hooks, Lightning's own included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch: tuple[int, int] | None = None
+        self.records: list[tuple[tuple[int, int], str, str]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func.overloadpacket.__name__
+        if self.batch is not None and name in _SYNCING_OPS:
+            frames = [f for f in traceback.extract_stack()[:-1] if "torch/" not in f.filename]
+            where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+            self.records.append((self.batch, name, where))
+        return func(*args, **(kwargs or {}))
+
+
+class MarkBatches(L.Callback):
+    def __init__(self, recorder: SyncRecorder) -> None:
+        self.recorder = recorder
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
+        self.recorder.batch = (trainer.current_epoch, idx)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.recorder.batch = None
+
+
+@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "graph-stand-in"])
+def test_training_steps_never_wait_for_the_device_except_to_log(
+    graphed: bool, folder: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Between an epoch's first and last batch, the only host read is the step loss every log_every_n_steps."""
+    if graphed:
+        request.getfixturevalue("graphs_on_the_cpu")
+    from tests.test_fit import fit, fit_args
+
+    recorder = SyncRecorder()
+    build = __import__("cifar_resnet.cli", fromlist=["build_trainer"]).build_trainer
+
+    def with_marks(settings: Any) -> Any:
+        trainer, checkpoints = build(settings)
+        trainer.callbacks.insert(0, MarkBatches(recorder))
+        return trainer, checkpoints
+
+    monkeypatch = request.getfixturevalue("monkeypatch")
+    monkeypatch.setattr("cifar_resnet.cli.build_trainer", with_marks)
+    args = fit_args(folder, tmp_path / "logs", "--max_epochs", "2", "--no_test", "--val_size", "6")
+    args[args.index("--log_every_n_steps") + 1] = "4"
+    if not graphed:
+        args.append("--no-cuda_graphs")
+    with recorder:
+        fit(*args)
+    per_batch: dict[tuple[int, int], list[str]] = {}
+    for batch, name, where in recorder.records:
+        per_batch.setdefault(batch, []).append(f"{name} at {where}")
+    assert {epoch for epoch, _ in per_batch} == {0, 1}, "the recorder saw both epochs"
+    for epoch in (0, 1):
+        for idx in range(9):  # the epoch's last batch (9) also validates, checkpoints and logs the epoch
+            step = epoch * 10 + idx
+            expected = 1 if (step + 1) % 4 == 0 else 0
+            reads = per_batch.get((epoch, idx), [])
+            assert len(reads) == expected, f"step {step}: {reads}"
+
+
+def test_the_lr_tensor_follows_the_replanned_schedule_after_a_resume(folder: Path, tmp_path: Path) -> None:
+    from cifar_resnet import cli
+    from tests.test_fit import fit, fit_args
+
+    logs = tmp_path / "logs"
+    fit(*fit_args(folder, logs, "--max_epochs", "1", "--no_test", "--val_size", "6"))
+    recorder = RecordBatches()
+    build = cli.build_trainer
+
+    def recording(settings: Any) -> Any:
+        trainer, checkpoints = build(settings)
+        trainer.callbacks.append(recorder)
+        return trainer, checkpoints
+
+    cli.build_trainer = recording
+    try:
+        last = logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt"
+        fit(*fit_args(folder, logs, "--max_epochs", "3", "--no_test", "--val_size", "6", "--ckpt_path", str(last)))
+    finally:
+        cli.build_trainer = build
+    schedule = LRSchedule.for_run(0.05, 30, 3)  # fit_args' lr, 10 steps an epoch, the new length
+    expected = [float(torch.tensor(schedule(step), dtype=torch.float32)) for step in range(10, 30)]
+    assert recorder.lrs == expected
+
+
+def test_graphed_step_refuses_a_batch_of_another_shape() -> None:
+    calls: list[int] = []
+    step = GraphedStep(lambda images, labels: calls.append(images.shape[0]), EagerReplay(), warmup=1)
+    step(torch.zeros(4, 3, 2, 2), torch.zeros(4))
+    step(torch.zeros(4, 3, 2, 2), torch.zeros(4))  # captured
+    with pytest.raises(RuntimeError, match="batches of one shape"):
+        step(torch.zeros(3, 3, 2, 2), torch.zeros(3))
+    assert calls == [4, 4]
+
+
+def test_a_checkpoint_from_automatic_optimization_resumes_at_its_step(folder: Path, tmp_path: Path) -> None:
+    """Checkpoints written before the step went manual count steps in the automatic loop and have no tally."""
+    from cifar_resnet import cli
+    from tests.test_fit import fit, fit_args
+
+    logs = tmp_path / "logs"
+    fit(*fit_args(folder, logs, "--max_epochs", "1", "--no_test", "--val_size", "6"))
+    last = logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    loops = checkpoint["loops"]["fit_loop"]
+    manual = loops["epoch_loop.manual_optimization.optim_step_progress"]
+    loops["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]["step"] = copy.deepcopy(manual)
+    for part in manual.values():
+        part.update(ready=0, completed=0)
+    for key in [k for k in checkpoint["state_dict"] if k.startswith("tally.")]:
+        del checkpoint["state_dict"][key]
+    del checkpoint["lr_schedule_steps"], checkpoint["tally_epoch"]
+    torch.save(checkpoint, last)
+
+    recorder = RecordBatches()
+    build = cli.build_trainer
+
+    def recording(settings: Any) -> Any:
+        trainer, checkpoints = build(settings)
+        trainer.callbacks.append(recorder)
+        return trainer, checkpoints
+
+    cli.build_trainer = recording
+    try:
+        fit(*fit_args(folder, logs, "--max_epochs", "2", "--no_test", "--val_size", "6", "--ckpt_path", str(last)))
+    finally:
+        cli.build_trainer = build
+    assert torch.load(last, weights_only=True)["global_step"] == 20
+    schedule = LRSchedule.for_run(0.05, 20, 2)
+    assert recorder.lrs == [float(torch.tensor(schedule(step), dtype=torch.float32)) for step in range(10, 20)]
