@@ -211,6 +211,9 @@ class ImageClassifier(L.LightningModule):
                 self.graph_backend(),
             )
 
+    def on_train_end(self) -> None:
+        self._graphed = None  # the graph's memory pool is freed; a later fit captures anew
+
     def _make_schedule(self) -> LRSchedule:
         hp = self.hparams
         return LRSchedule.for_run(

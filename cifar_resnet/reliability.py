@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cifar_resnet.errors import UserError
@@ -91,6 +91,34 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         # Checkpoints hold tensors and plain values only; refuse anything that needs unpickling code.
         return super().load_checkpoint(path, map_location=map_location or "cpu", weights_only=True)
+
+
+class BackgroundCheckpointIO(AsyncCheckpointIO):
+    """Checkpoints written by a background thread, so training goes on while a file of 90-190 MB is saved.
+
+    Lightning's AsyncCheckpointIO snapshots the tensors on the training thread (a copy on the device, so
+    later steps cannot change what is saved) and hands the write to one worker thread; here that write is
+    :class:`AtomicCheckpointIO`'s. Removals of superseded checkpoints (the previous best) queue behind the
+    writes on the same thread: an old best file is deleted only once its successor is complete on disk.
+    Write errors surface at the next save or when the run ends, and every pending write finishes before
+    the trainer tears down (also on SIGTERM and Ctrl-C).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(AtomicCheckpointIO())
+
+    def remove_checkpoint(self, path: _PATH) -> None:
+        self._ensure_setup()
+        assert self._executor is not None and self.checkpoint_io is not None
+        remove = self.checkpoint_io.remove_checkpoint
+
+        def remove_in_order() -> None:
+            try:
+                remove(path)
+            except BaseException as err:  # reported like a failed write: at the next save or teardown
+                self._error = err
+
+        self._executor.submit(remove_in_order)
 
 
 class RNGState(Callback):

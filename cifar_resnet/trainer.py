@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from cifar_resnet.callbacks import AugmentationPreview, EpochThroughput, LineProgress, SaveRunArguments
 from cifar_resnet.errors import UserError
 from cifar_resnet.eval_callbacks import ValidationReport
-from cifar_resnet.reliability import AtomicCheckpointIO, DivergenceStop, GracefulInterrupt, RNGState
+from cifar_resnet.reliability import BackgroundCheckpointIO, DivergenceStop, GracefulInterrupt, RNGState
 from cifar_resnet.runs import RunLocation
 
 BEST_CHECKPOINT_PATTERN = "best-epoch{epoch:03d}-val_acc{val/acc:.4f}"
@@ -159,7 +159,7 @@ def build_trainer(settings: TrainerSettings) -> tuple[L.Trainer, Checkpoints]:
     progress = _progress_callback(settings.progress)
     if progress is not None:
         callbacks.append(progress)
-    plugins: list[Any] = [AtomicCheckpointIO()]
+    plugins: list[Any] = [BackgroundCheckpointIO()]
     if SLURMEnvironment.detect():
         # Lightning saves an hpc checkpoint and requeues the job on SLURM's pre-emption signal.
         plugins.append(SLURMEnvironment(auto_requeue=True))

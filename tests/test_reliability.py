@@ -166,6 +166,33 @@ def test_atomic_checkpoint_io_keeps_the_previous_file_on_write_errors(tmp_path: 
     assert torch.equal(io.load_checkpoint(target)["state_dict"]["w"], torch.ones(3))
 
 
+def test_background_checkpoints_snapshot_the_state_and_delete_an_old_best_only_after_its_successor_is_written(
+    tmp_path: Path, monkeypatch
+):
+    io = reliability.BackgroundCheckpointIO()
+    old_best, new_best = tmp_path / "best-epoch000.ckpt", tmp_path / "best-epoch001.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, old_best)
+    io.teardown()
+    release = __import__("threading").Event()
+    real_save = fileio.atomic_torch_save
+
+    def slow_save(obj: object, target: Path) -> None:
+        release.wait(10)
+        real_save(obj, target)
+
+    monkeypatch.setattr(reliability, "atomic_torch_save", slow_save)
+    weights = torch.ones(3)
+    io.save_checkpoint({"state_dict": {"w": weights}}, new_best)
+    weights.add_(1)  # training goes on while the file is written: the checkpoint keeps the state at save time
+    io.remove_checkpoint(old_best)
+    time.sleep(0.2)
+    assert old_best.is_file() and not new_best.exists(), "the old best stays until its successor is on disk"
+    release.set()
+    io.teardown()
+    assert not old_best.exists()
+    assert torch.equal(_load(new_best)["state_dict"]["w"], torch.ones(3))
+
+
 def test_disk_full_during_a_fit_exits_2_with_one_line_and_keeps_last(
     tiny_folder: Path, tmp_path: Path, monkeypatch, capsys
 ):
