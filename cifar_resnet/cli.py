@@ -65,6 +65,16 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _positive_int_or_auto(text: str) -> int | None:
+    """A positive integer, or ``auto`` (None)."""
+    if text == "auto":
+        return None
+    try:
+        return _positive_int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or auto, got {text}") from err
+
+
 def _fraction_or_count(text: str) -> float | int:
     """Lightning's limit_*_batches: a float fraction in (0, 1] or an integer count of batches."""
     value = float(text)
@@ -209,9 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no_test", action="store_true", help="skip the final test-split evaluation")
     run.add_argument(
         "--confusion_every_n_epochs",
-        type=_positive_int,
-        default=1,
-        help="write the validation confusion matrix to TensorBoard every N epochs (and after the last)",
+        type=_positive_int_or_auto,
+        default="auto",
+        metavar="N|auto",
+        help="draw the validation confusion matrix in TensorBoard every N epochs and after the last; "
+        "auto (default): as often as costs at most 2%% of the run's time (every epoch on a CPU)",
     )
     run.add_argument(
         "--describe_data",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import lightning as L
@@ -17,17 +18,32 @@ def _tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
 
 
 class ValidationReport(Callback):
-    """Per validation: ``val/acc_class/<name>`` scalars and, every ``figure_every_n_epochs``, the confusion
-    matrix as an image (``val/confusion_matrix``). At the end the hparams tab gets ``hp/best_val_acc`` and,
-    after a test, ``hp/test_acc``. Checkpoints also store the class names and the normalisation.
+    """Per validation: ``val/acc_class/<name>`` scalars and the confusion matrix as an image
+    (``val/confusion_matrix``). At the end the hparams tab gets ``hp/best_val_acc`` and, after a test,
+    ``hp/test_acc``. Checkpoints also store the class names and the normalisation.
 
     The module accumulates ``val_confusion`` on the device; it is computed (one sync) and reset here once
-    per validation.
+    per validation. Drawing the figure takes a few hundred milliseconds, as long as a whole GPU epoch of a
+    small ResNet, so by default (``figure_every_n_epochs=None``) it is drawn only when the time since the
+    last drawing is at least ``1 / figure_budget`` times what that drawing took: at most 2% of the run.
+    On a CPU, where an epoch takes minutes, that is every epoch. It is always drawn after the last epoch.
     """
 
-    def __init__(self, figure_every_n_epochs: int = 1) -> None:
-        self.figure_every_n_epochs = max(1, figure_every_n_epochs)
+    def __init__(self, figure_every_n_epochs: int | None = None, figure_budget: float = 0.02) -> None:
+        self.figure_every_n_epochs = figure_every_n_epochs
+        self.figure_budget = figure_budget
+        self._last_drawn: tuple[float, float] | None = None  # (when it finished, seconds it took)
         self._best_val_acc: float | None = None
+
+    def _figure_due(self, epoch: int, last_epoch: bool) -> bool:
+        if last_epoch:
+            return True
+        if self.figure_every_n_epochs is not None:
+            return (epoch + 1) % self.figure_every_n_epochs == 0
+        if self._last_drawn is None:
+            return True
+        finished, took = self._last_drawn
+        return time.perf_counter() - finished >= took / self.figure_budget
 
     @staticmethod
     def _classes(trainer: L.Trainer, num_classes: int) -> list[str]:
@@ -57,9 +73,11 @@ class ValidationReport(Callback):
         last_epoch = trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs
         if tensorboard is None or not trainer.is_global_zero:
             return
-        if (epoch + 1) % self.figure_every_n_epochs == 0 or last_epoch:
+        if self._figure_due(epoch, last_epoch):
+            start = time.perf_counter()
             figure = confusion_figure(matrix, classes, f"Validation confusion matrix, epoch {epoch}")
             tensorboard.experiment.add_figure("val/confusion_matrix", figure, global_step=trainer.global_step)
+            self._last_drawn = (time.perf_counter(), time.perf_counter() - start)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         datamodule = trainer.datamodule

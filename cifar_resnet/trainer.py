@@ -73,7 +73,7 @@ class TrainerSettings:
     fast_dev_run: bool = False
     progress: str = "auto"  # auto | bar | lines | none
     log_every_n_steps: int = 50
-    confusion_every_n_epochs: int = 1
+    confusion_every_n_epochs: int | None = None  # None: within a time budget
     ckpt_every_n_steps: int | None = None
     max_nonfinite_steps: int = 3
     resume_location: RunLocation | None = None

@@ -222,3 +222,20 @@ def test_scripts_report_a_missing_checkpoint_on_one_line(tmp_path: Path) -> None
         lines = [line for line in stderr.splitlines() if line.strip()]
         assert proc.returncode == 2, (name, stderr)
         assert len(lines) == 1 and lines[0].startswith(f"{name}: error: ") and "Traceback" not in stderr, stderr
+
+
+def test_the_confusion_figure_is_drawn_within_its_time_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cifar_resnet import eval_callbacks
+
+    clock = [100.0]
+    monkeypatch.setattr(eval_callbacks.time, "perf_counter", lambda: clock[0])
+    report = eval_callbacks.ValidationReport()  # auto: at most 2% of the time
+    assert report._figure_due(0, last_epoch=False), "the first validation draws"
+    report._last_drawn = (100.0, 0.1)  # that drawing took 0.1 s: the next one is due 5 s later
+    clock[0] = 104.9
+    assert not report._figure_due(1, last_epoch=False)
+    assert report._figure_due(1, last_epoch=True), "the last epoch always draws"
+    clock[0] = 105.0
+    assert report._figure_due(2, last_epoch=False)
+    every_third = eval_callbacks.ValidationReport(figure_every_n_epochs=3)
+    assert [every_third._figure_due(e, last_epoch=False) for e in range(6)] == [False, False, True] * 2
