@@ -6,10 +6,13 @@ the device is synchronised before each clock read, so queued work is counted.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +29,7 @@ from cifar_resnet.data import CIFAR10_MEAN, CIFAR10_STD, CIFARDataModule
 from cifar_resnet.errors import UserError
 from cifar_resnet.models import create_model
 from cifar_resnet.module import ImageClassifier
+from cifar_resnet.schedule import LRSchedule
 from cifar_resnet.trainer import TrainerSettings, build_trainer
 
 
@@ -267,6 +271,30 @@ def profile_training(
     return ops, averages.table(sort_by=attribute, row_limit=top)
 
 
+def _plain_step(
+    arch: str, dm: CIFARDataModule, device: torch.device, precision: str, channels_last: bool, steps: int
+) -> tuple[torch.nn.Module, Callable[[torch.Tensor, torch.Tensor], None], Callable[[int], None]]:
+    """A hand-written step with the arithmetic of ours (fused SGD reading a tensor LR, the closed-form cosine),
+    as a function of static tensors, and the LR setter to call before it."""
+    model = create_model(arch, num_classes=dm.num_classes).to(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format).train()
+    lr = torch.full((), 0.1, device=device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, fused=True)
+    schedule = LRSchedule.for_run(0.1, steps, 1)
+    autocast_dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
+    use_autocast = precision in ("bf16-mixed", "16-mixed")
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=False)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast, cache_enabled=False):
+            loss = F.cross_entropy(model(images.contiguous(memory_format=memory_format)), labels)
+        loss.backward()
+        optimizer.step()
+
+    return model, step, lambda index: lr.fill_(schedule(index))
+
+
 def plain_training(
     arch: str,
     dm: CIFARDataModule,
@@ -276,28 +304,145 @@ def plain_training(
     warmup: int,
     iterations: int,
 ) -> float:
-    """The same model, data, augmentation, SGD and cosine schedule in a hand-written PyTorch loop."""
-    model = create_model(arch, num_classes=dm.num_classes).to(device)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model.to(memory_format=memory_format).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=warmup + iterations)
-    autocast_dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
-    use_autocast = precision in ("bf16-mixed", "16-mixed")
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
+    """The same model, data, augmentation, fused SGD and cosine schedule in a hand-written eager loop."""
+    if precision == "16-mixed":
+        raise UserError("the plain loops have no loss scaling; use --precision bf16-mixed or 32-true")
+    _, step, set_lr = _plain_step(arch, dm, device, precision, channels_last, warmup + iterations)
     batches = _cycle(dm.loader("train", device))  # the same loader the Trainer gets on this device
+    taken = [0]
 
-    def step() -> int:
+    def one() -> int:
         images, labels = next(batches)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        inputs = dm.augment_batch(images, epoch=0).contiguous(memory_format=memory_format)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
-            loss = F.cross_entropy(model(inputs), labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        set_lr(taken[0])
+        step(dm.augment_batch(images, epoch=0), labels)
+        taken[0] += 1
         return labels.shape[0]
 
-    return _time_iterations(step, warmup, iterations, device, repeats=1)
+    return _time_iterations(one, warmup, iterations, device, repeats=1)
+
+
+def graphed_plain_training(
+    arch: str,
+    dm: CIFARDataModule,
+    device: torch.device,
+    precision: str,
+    channels_last: bool,
+    warmup: int,
+    iterations: int,
+) -> float:
+    """The ceiling: the plain loop's step captured as one CUDA graph and replayed (augmentation outside it).
+
+    Written out with torch.cuda.CUDAGraph as torch's notes show it, apart from the project's own graph code,
+    so the comparison with our Lightning step measures everything our path adds around the GPU's work.
+    """
+    if device.type != "cuda":
+        raise UserError("the CUDA-graphed loop needs a CUDA device")
+    _, step, set_lr = _plain_step(arch, dm, device, precision, channels_last, warmup + iterations + 4)
+    batches = _cycle(dm.loader("train", device))
+
+    def augmented() -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = next(batches)
+        return dm.augment_batch(images, epoch=0), labels
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for index in range(3):  # eager warm-up before capture: cuDNN autotuning, optimizer state
+            set_lr(index)
+            step(*augmented())
+    torch.cuda.current_stream().wait_stream(side)
+    static_images, static_labels = augmented()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(static_images, static_labels)
+    taken = [3]
+
+    def one() -> int:
+        images, labels = augmented()
+        static_images.copy_(images)
+        static_labels.copy_(labels)
+        set_lr(taken[0])
+        graph.replay()
+        taken[0] += 1
+        return labels.shape[0]
+
+    return _time_iterations(one, warmup, iterations, device, repeats=1)
+
+
+class _SyncCounter(L.Callback):
+    """Counts CUDA host-device synchronisations (torch's sync debug mode) in training batches ``warmup`` up to
+    the epoch's second-to-last; the last one reads the epoch's figures, which is meant to sync."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.steps = 0
+        self.syncs = 0
+        self._caught: Any = None
+        self._records: list[Any] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        if idx == self.warmup:
+            self._caught = warnings.catch_warnings(record=True)
+            self._records = self._caught.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        if self._caught is None:
+            return
+        self.steps += 1
+        if idx + 2 == trainer.num_training_batches:
+            torch.cuda.set_sync_debug_mode("default")
+            self._caught.__exit__(None, None, None)
+            self._caught = None
+            self.syncs = sum("synchroniz" in str(record.message) for record in self._records)
+
+
+def host_syncs_per_step(
+    arch: str, dm: CIFARDataModule, device: torch.device, precision: str, channels_last: bool, warmup: int, steps: int
+) -> float:
+    """Host-device synchronisations per training step of the real fit path, on CUDA."""
+    counter = _SyncCounter(warmup)
+    _fit_steps(arch, dm, device, precision, channels_last, False, warmup + steps + 1, counter)
+    return counter.syncs / max(counter.steps, 1)
+
+
+class _EpochGap(L.Callback):
+    """Time from the end of an epoch's last training batch to the start of the next epoch's first one."""
+
+    def __init__(self) -> None:
+        self.gaps: list[float] = []
+        self._ended = 0.0
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        if idx + 1 == trainer.num_training_batches:
+            _sync(pl_module.device)
+            self._ended = time.perf_counter()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        if idx == 0 and self._ended:
+            _sync(pl_module.device)
+            self.gaps.append(time.perf_counter() - self._ended)
+
+
+def epoch_overhead(
+    arch: str, dm: CIFARDataModule, device: torch.device, precision: str, channels_last: bool, steps: int
+) -> float:
+    """Seconds between two epochs' training batches in ``scripts/fit.py``'s Trainer: validation of the whole
+    validation split, checkpoints, the confusion matrix, logging and progress; the second gap of a 3-epoch
+    run, so one-time costs (the first figure, the first validation's warm-up) are left out."""
+    gap = _EpochGap()
+    with tempfile.TemporaryDirectory() as log_dir:
+        model = ImageClassifier(arch=arch, num_classes=dm.num_classes, channels_last=channels_last)
+        settings = TrainerSettings(arch=arch, max_epochs=3, log_dir=log_dir, accelerator=device.type, devices="1",
+                                   precision=precision, limit_train_batches=steps, progress="lines")  # fmt: skip
+        trainer, _ = build_trainer(settings)
+        trainer.callbacks.append(gap)
+        with contextlib.redirect_stdout(io.StringIO()):
+            trainer.fit(model, datamodule=dm)
+    return gap.gaps[-1]

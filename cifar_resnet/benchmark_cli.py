@@ -41,7 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="architectures to time (default: resnet20 on the CPU; resnet18 resnet50 resnet20 on CUDA)",
     )
     p.add_argument("--val_size", type=int, default=5000, help="held out as in fit.py (not timed)")
-    p.add_argument("--batch_size", type=int, default=None, help="training batch (default 128 CPU, 512 CUDA)")
+    p.add_argument(
+        "--batch_size",
+        type=int,
+        nargs="+",
+        default=None,
+        help="training batch sizes to time (default 128 on the CPU; 128 and 512 on CUDA)",
+    )
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers, the same for ours and the baseline")
     p.add_argument("--precision", default="auto", help="Lightning precision; auto as in fit.py")
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations (default 3 CPU, 20 CUDA)")
@@ -71,8 +77,9 @@ def _check_counts(args: argparse.Namespace) -> None:
     minimum = {"rounds": 1, "iterations": 1, "batch_size": 1, "warmup": 0, "workers": 0, "val_size": 0, "profile": 0}
     for name, least in minimum.items():
         value = getattr(args, name)
-        if value is not None and value < least:
-            raise UserError(f"--{name} must be at least {least}, got {value}")
+        for one in value if isinstance(value, list) else [value]:
+            if one is not None and one < least:
+                raise UserError(f"--{name} must be at least {least}, got {one}")
 
 
 @dataclass
@@ -81,7 +88,7 @@ class _Plan:
 
     device: torch.device
     archs: list[str]
-    batch: int
+    batches: list[int]
     warmup: int
     iterations: int
     precision: str
@@ -90,6 +97,11 @@ class _Plan:
     @property
     def on_gpu(self) -> bool:
         return self.device.type == "cuda"
+
+    @property
+    def batch(self) -> int:
+        """The batch of the data-pipeline and profile figures: the first one."""
+        return self.batches[0]
 
 
 def _plan(args: argparse.Namespace) -> _Plan:
@@ -100,7 +112,7 @@ def _plan(args: argparse.Namespace) -> _Plan:
     return _Plan(
         device=torch.device("cuda" if on_gpu else "cpu"),
         archs=args.archs or (["resnet18", "resnet50", "resnet20"] if on_gpu else ["resnet20"]),
-        batch=args.batch_size or (512 if on_gpu else 128),
+        batches=args.batch_size or ([128, 512] if on_gpu else [128]),
         warmup=args.warmup if args.warmup is not None else (20 if on_gpu else 3),
         iterations=args.iterations if args.iterations is not None else (100 if on_gpu else 10),
         precision=resolve_precision(args.precision, "cuda" if on_gpu else "cpu"),
@@ -123,7 +135,7 @@ class _Recorder:
 def _data_figures(
     plan: _Plan,
     args: argparse.Namespace,
-    make_dm: Callable[[int], CIFARDataModule],
+    make_dm: Callable[..., CIFARDataModule],
     dm: CIFARDataModule,
     record: _Recorder,
 ) -> float:
@@ -144,38 +156,65 @@ def _data_figures(
 
 
 def _training_figures(
-    plan: _Plan, args: argparse.Namespace, dm: CIFARDataModule, ours: float, record: _Recorder
-) -> None:
-    """Lightning against the plain loop per arch; channels_last and compile switched for the first arch."""
+    plan: _Plan, args: argparse.Namespace, make_dm: Callable[..., CIFARDataModule], ours: float,
+    record: _Recorder,
+) -> None:  # fmt: skip
+    """Per arch and batch size: our Lightning step against the eager plain loop (alternating rounds) and, on
+    CUDA, against the CUDA-graphed plain loop (the ceiling), host syncs per step and the cost between epochs.
+    channels_last and compile are switched for the first arch at the first batch size."""
     p = plan
-    for index, arch in enumerate(p.archs):
-        # Lightning and the plain loop take turns, so a burst of load from elsewhere hits both alike.
-        lits, plains = [], []
-        for _ in range(args.rounds):
-            lits.append(benchmark.lightning_training(arch, dm, p.device, p.precision, p.channels_last, False,
-                                                     p.warmup, p.iterations))  # fmt: skip
-            plains.append(benchmark.plain_training(arch, dm, p.device, p.precision, p.channels_last, p.warmup,
-                                                   p.iterations))  # fmt: skip
-        lit, plain = statistics.median(lits), statistics.median(plains)
-        record(f"train/{arch}/lightning", lit, precision=p.precision, channels_last=p.channels_last, rounds=lits)
-        record(f"train/{arch}/plain_loop", plain, precision=p.precision, channels_last=p.channels_last,
-               rounds=plains)  # fmt: skip
-        ratios = [a / b for a, b in zip(plains, lits, strict=True)]
-        record(f"train/{arch}/step_time_ratio_lightning_over_plain", statistics.median(ratios), "x", rounds=ratios)
-        record(f"train/{arch}/data_share_of_step", lit / ours, "fraction")
-        # What a 200-epoch run of this training split costs at this rate (validation not included).
-        train_images = len(dm.train_split) if dm.train_split is not None else 0
-        record(f"train/{arch}/projected_200_epochs", 200 * train_images / lit / 60, "minutes",
-               train_images=train_images)  # fmt: skip
-        if index > 0:
-            continue
-        other = benchmark.lightning_training(arch, dm, p.device, p.precision, not p.channels_last, False, p.warmup,
-                                             p.iterations)  # fmt: skip
-        record(f"train/{arch}/lightning_channels_last_{not p.channels_last}", other, precision=p.precision)
-        if args.compile:
-            compiled = benchmark.lightning_training(arch, dm, p.device, p.precision, p.channels_last, True, p.warmup,
-                                                    p.iterations)  # fmt: skip
-            record(f"train/{arch}/lightning_compiled", compiled, precision=p.precision)
+    for batch in p.batches:
+        dm = make_dm(args.workers, batch)
+        for index, arch in enumerate(p.archs):
+            _arch_figures(p, args, dm, arch, batch, ours, record, first=index == 0 and batch == p.batches[0])
+
+
+def _arch_figures(
+    p: _Plan, args: argparse.Namespace, dm: CIFARDataModule, arch: str, batch: int, ours: float, record: _Recorder,
+    first: bool,
+) -> None:  # fmt: skip
+    name = f"train/{arch}/bs{batch}"
+    common = {"precision": p.precision, "channels_last": p.channels_last, "batch_size": batch}
+    # Lightning and the plain loop take turns, so a burst of load from elsewhere hits both alike.
+    lits, plains = [], []
+    for _ in range(args.rounds):
+        lits.append(benchmark.lightning_training(arch, dm, p.device, p.precision, p.channels_last, False,
+                                                 p.warmup, p.iterations))  # fmt: skip
+        plains.append(benchmark.plain_training(arch, dm, p.device, p.precision, p.channels_last, p.warmup,
+                                               p.iterations))  # fmt: skip
+    lit, plain = statistics.median(lits), statistics.median(plains)
+    record(f"{name}/lightning", lit, rounds=lits, **common)
+    record(f"{name}/plain_loop", plain, rounds=plains, **common)
+    ratios = [a / b for a, b in zip(plains, lits, strict=True)]
+    record(f"{name}/step_time_ratio_lightning_over_plain", statistics.median(ratios), "x", rounds=ratios,
+           batch_size=batch)  # fmt: skip
+    record(f"{name}/data_share_of_step", lit / ours, "fraction", batch_size=batch)
+    if p.on_gpu:
+        ceiling = benchmark.graphed_plain_training(arch, dm, p.device, p.precision, p.channels_last, p.warmup,
+                                                   p.iterations)  # fmt: skip
+        record(f"{name}/graphed_plain_loop", ceiling, **common)
+        record(f"{name}/lightning_over_graphed_loop", lit / ceiling, "fraction", batch_size=batch)
+        syncs = benchmark.host_syncs_per_step(arch, dm, p.device, p.precision, p.channels_last, p.warmup,
+                                              p.iterations)  # fmt: skip
+        record(f"{name}/host_syncs_per_step", syncs, "syncs", batch_size=batch)
+    # What a 200-epoch run of this training split costs at this rate, and what passes between epochs.
+    train_images = len(dm.train_split) if dm.train_split is not None else 0
+    epoch_train = train_images / lit
+    gap = benchmark.epoch_overhead(arch, dm, p.device, p.precision, p.channels_last, p.warmup + p.iterations)
+    record(f"{name}/between_epochs", gap, "seconds", batch_size=batch)
+    record(f"{name}/between_epochs_share", gap / (epoch_train + gap), "fraction of an epoch", batch_size=batch,
+           epoch_training_seconds=epoch_train)  # fmt: skip
+    record(f"{name}/projected_200_epochs", 200 * (epoch_train + gap) / 60, "minutes", train_images=train_images,
+           batch_size=batch)  # fmt: skip
+    if not first:
+        return
+    other = benchmark.lightning_training(arch, dm, p.device, p.precision, not p.channels_last, False, p.warmup,
+                                         p.iterations)  # fmt: skip
+    record(f"{name}/lightning_channels_last_{not p.channels_last}", other, **common)
+    if args.compile:
+        compiled = benchmark.lightning_training(arch, dm, p.device, p.precision, p.channels_last, True, p.warmup,
+                                                p.iterations)  # fmt: skip
+        record(f"{name}/lightning_compiled", compiled, **common)
 
 
 def _profile_figures(plan: _Plan, args: argparse.Namespace, dm: CIFARDataModule, record: _Recorder) -> None:
@@ -198,19 +237,20 @@ def run(args: argparse.Namespace) -> list[Figure]:
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
 
-    def make_dm(workers: int) -> CIFARDataModule:
-        dm = CIFARDataModule(data_dir=args.data_dir, batch_size=plan.batch, val_size=args.val_size,
+    def make_dm(workers: int, batch: int | None = None) -> CIFARDataModule:
+        dm = CIFARDataModule(data_dir=args.data_dir, batch_size=batch or plan.batch, val_size=args.val_size,
                              num_workers=workers, cache_dir=args.cache_dir)  # fmt: skip
         dm.prepare_data()
         dm.setup("fit")
         return dm
 
     dm = make_dm(args.workers)
-    print(f"# {_environment(plan.device)}; batch {plan.batch}; precision {plan.precision}; workers {args.workers}",
+    batches = " ".join(map(str, plan.batches))
+    print(f"# {_environment(plan.device)}; batch {batches}; precision {plan.precision}; workers {args.workers}",
           flush=True)  # fmt: skip
     record = _Recorder(plan)
     ours = _data_figures(plan, args, make_dm, dm, record)
-    _training_figures(plan, args, dm, ours, record)
+    _training_figures(plan, args, make_dm, ours, record)
     if args.profile:
         _profile_figures(plan, args, dm, record)
     return record.figures

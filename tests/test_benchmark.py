@@ -26,19 +26,37 @@ def test_benchmark_reports_pipeline_training_and_ratios(
     argv = _tiny_argv(tiny_folder, tmp_path, "--iterations", "2", "--rounds", "2")
     assert benchmark_main(argv) == 0
     figures = _figures(capsys.readouterr().out)
-    for name in ("data/ours", "data/pil_baseline", "train/resnet20/lightning", "train/resnet20/plain_loop"):
+    train = "train/resnet20/bs4"
+    for name in ("data/ours", "data/pil_baseline", f"{train}/lightning", f"{train}/plain_loop"):
         assert figures[name]["value"] > 0 and figures[name]["unit"] == "images/s"
     ratio = figures["data/ratio_ours_over_pil"]["value"]
     assert ratio == pytest.approx(figures["data/ours"]["value"] / figures["data/pil_baseline"]["value"])
-    step_ratio = figures["train/resnet20/step_time_ratio_lightning_over_plain"]
-    lightning, plain = (figures[f"train/resnet20/{name}"]["details"]["rounds"] for name in ("lightning", "plain_loop"))
+    step_ratio = figures[f"{train}/step_time_ratio_lightning_over_plain"]
+    lightning, plain = (figures[f"{train}/{name}"]["details"]["rounds"] for name in ("lightning", "plain_loop"))
     assert len(lightning) == len(plain) == 2
     assert step_ratio["details"]["rounds"] == pytest.approx([p / q for p, q in zip(plain, lightning, strict=True)])
     assert step_ratio["value"] == pytest.approx(sum(step_ratio["details"]["rounds"]) / 2)  # median of two
     assert "data/ours_no_workers" not in figures  # only measured when the baseline has workers
-    projected = figures["train/resnet20/projected_200_epochs"]
+    assert f"{train}/graphed_plain_loop" not in figures, "the CUDA-graphed ceiling is measured on CUDA only"
+    gap, share = figures[f"{train}/between_epochs"]["value"], figures[f"{train}/between_epochs_share"]
+    epoch = share["details"]["epoch_training_seconds"]
+    assert gap > 0 and share["value"] == pytest.approx(gap / (epoch + gap), rel=1e-3)
+    projected = figures[f"{train}/projected_200_epochs"]
     assert projected["details"]["train_images"] == 3 * 12 - 6
-    assert projected["value"] == pytest.approx(200 * 30 / figures["train/resnet20/lightning"]["value"] / 60)
+    assert epoch == pytest.approx(30 / figures[f"{train}/lightning"]["value"], rel=1e-3)
+    assert projected["value"] == pytest.approx(200 * (epoch + gap) / 60, rel=1e-3)
+
+
+def test_benchmark_times_every_batch_size_given(
+    tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = _tiny_argv(tiny_folder, tmp_path, "--iterations", "1", "--rounds", "1")
+    argv[argv.index("--batch_size") + 1 : argv.index("--batch_size") + 2] = ["4", "5"]
+    assert benchmark_main(argv) == 0
+    figures = _figures(capsys.readouterr().out)
+    for batch in (4, 5):
+        record = figures[f"train/resnet20/bs{batch}/lightning"]
+        assert record["details"]["batch_size"] == batch and record["value"] > 0
 
 
 def test_benchmark_with_workers_also_times_our_pipeline_without_them(
