@@ -98,6 +98,10 @@ class ImageClassifier(L.LightningModule):
             self._compiled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a normalised batch; the batch takes the weights' dtype (bf16-true, 64-true) and layout."""
+        weights = next(self.model.parameters())
+        if x.dtype != weights.dtype:
+            x = x.to(weights.dtype)
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)

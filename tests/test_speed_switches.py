@@ -86,3 +86,13 @@ def test_precision_auto_picks_bf16_on_gpus_that_have_it_and_refuses_it_where_the
     with pytest.raises(UserError, match="this GPU has no bf16; use 16-mixed or 32-true"):
         resolve_precision("bf16-mixed", "cuda")
     assert resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"  # the CPU runs bf16 autocast
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed", "bf16-true", "64-true"])
+def test_every_cpu_precision_trains_and_evaluates(precision: str, tiny_folder: Path, tmp_path: Path) -> None:
+    from tests.test_fit import fit, fit_args
+
+    result = fit(*fit_args(tiny_folder, tmp_path / "logs", "--max_epochs", "1", "--precision", precision))
+    assert 0.0 <= result["best_val_acc"] <= 1.0 and 0.0 <= result["test_acc"] <= 1.0
+    weights = torch.load(result["last_checkpoint"], weights_only=True)["state_dict"]["model.fc.weight"]
+    assert weights.dtype == {"bf16-true": torch.bfloat16, "64-true": torch.float64}.get(precision, torch.float32)
