@@ -10,7 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ProgressBar
+from lightning.pytorch.callbacks import Callback, ProgressBar, TQDMProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 from torchvision.utils import make_grid
 
@@ -177,3 +177,14 @@ class LineProgress(ProgressBar):
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._print("test  " + self._format(self._scalars(trainer), ("test/loss", "test/acc", "test/acc_top5")))
+
+
+class StepMetricsBar(TQDMProgressBar):
+    """Lightning's tqdm bar, showing the last logged step loss and LR (host values: reading them costs nothing)."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        step = getattr(pl_module, "step_metrics", {})
+        if "train/loss_step" in step:
+            metrics["loss"] = f"{step['train/loss_step']:.4g}"
+        return metrics

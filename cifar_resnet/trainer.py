@@ -12,12 +12,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from cifar_resnet.callbacks import AugmentationPreview, EpochThroughput, LineProgress, SaveRunArguments
+from cifar_resnet.callbacks import AugmentationPreview, EpochThroughput, LineProgress, SaveRunArguments, StepMetricsBar
 from cifar_resnet.errors import UserError
 from cifar_resnet.eval_callbacks import ValidationReport
 from cifar_resnet.reliability import BackgroundCheckpointIO, DivergenceStop, GracefulInterrupt, RNGState
@@ -85,7 +85,7 @@ def _progress_callback(kind: str) -> Callback | None:
         kind = "bar" if sys.stdout.isatty() else "lines"
     if kind == "bar":
         # Reading logged values for the bar synchronises the device; refresh every 20 batches, not each.
-        return TQDMProgressBar(refresh_rate=20)
+        return StepMetricsBar(refresh_rate=20)
     if kind == "lines":
         return LineProgress(every=50)
     return None
