@@ -2,7 +2,7 @@
 
 import sys
 
-from cifar_resnet.benchmark_cli import benchmark_main
+from cifar_resnet.cli.benchmark import main
 
 if __name__ == "__main__":
-    sys.exit(benchmark_main())
+    sys.exit(main())

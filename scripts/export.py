@@ -2,7 +2,7 @@
 
 import sys
 
-from cifar_resnet.export import export_main
+from cifar_resnet.cli.export import main
 
 if __name__ == "__main__":
-    sys.exit(export_main())
+    sys.exit(main())

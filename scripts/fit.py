@@ -2,7 +2,7 @@
 
 import sys
 
-from cifar_resnet.cli import fit_main
+from cifar_resnet.cli.fit import main
 
 if __name__ == "__main__":
-    sys.exit(fit_main())
+    sys.exit(main())

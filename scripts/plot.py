@@ -2,7 +2,7 @@
 
 import sys
 
-from cifar_resnet.curves import plot_main
+from cifar_resnet.cli.plot import main
 
 if __name__ == "__main__":
-    sys.exit(plot_main())
+    sys.exit(main())

@@ -2,7 +2,7 @@
 
 import sys
 
-from cifar_resnet.predict import predict_main
+from cifar_resnet.cli.predict import main
 
 if __name__ == "__main__":
-    sys.exit(predict_main())
+    sys.exit(main())

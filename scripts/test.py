@@ -2,7 +2,7 @@
 
 import sys
 
-from cifar_resnet.evaluate import test_main
+from cifar_resnet.cli.test import main
 
 if __name__ == "__main__":
-    sys.exit(test_main())
+    sys.exit(main())

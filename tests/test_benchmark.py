@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from cifar_resnet.benchmark_cli import benchmark_main
+from cifar_resnet.cli.benchmark import main as benchmark_main
 
 
 def _tiny_argv(data: Path, tmp_path: Path, *extra: str) -> list[str]:

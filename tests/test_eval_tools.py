@@ -17,16 +17,17 @@ import torch.nn.functional as F
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cifar_resnet import evaluate
-from cifar_resnet.cli import fit_main
-from cifar_resnet.curves import plot_run
+from cifar_resnet.cli import test as test_cli
+from cifar_resnet.cli.fit import main as fit_main
 from cifar_resnet.data import CIFAR10_MEAN, CIFAR10_STD, Normalize
 from cifar_resnet.data.sources import load_image_folder
 from cifar_resnet.errors import UserError
-from cifar_resnet.export import ONNX_MISSING, export_checkpoint, reload_outputs
-from cifar_resnet.inference import load_trained_model
 from cifar_resnet.models import create_model
-from cifar_resnet.predict import predict_files
+from cifar_resnet.tools import evaluate
+from cifar_resnet.tools.curves import plot_run
+from cifar_resnet.tools.export import ONNX_MISSING, export_checkpoint, reload_outputs
+from cifar_resnet.tools.inference import load_trained_model
+from cifar_resnet.tools.predict import predict_files
 from tests.conftest import REPO_ROOT, make_image_folder
 from tests.test_fit import fit, fit_args, scalars
 
@@ -59,12 +60,15 @@ def _by_hand(ckpt: Path, images: torch.Tensor) -> tuple[torch.nn.Module, torch.T
         return model, model(Normalize(CIFAR10_MEAN, CIFAR10_STD)(images))
 
 
-def _test_args(*argv: str) -> evaluate.argparse.Namespace:
-    return evaluate.build_parser().parse_args(list(argv))
+def run_test(*argv: str) -> tuple[evaluate.Evaluation, Path]:
+    """scripts/test.py's work for these arguments: evaluate and write the report folder."""
+    args = test_cli.build_parser().parse_args(list(argv))
+    return evaluate.evaluate_checkpoint(args.ckpt_path, args.data_dir, args.split, args.tta, args.out,
+                                        args.batch_size, args.cache_dir)  # fmt: skip
 
 
 def test_test_counts_every_image_and_matches_a_hand_evaluation(trained: dict[str, Path], tmp_path: Path) -> None:
-    result, out = evaluate.run_test(_test_args("--ckpt_path", str(trained["ckpt"]), "--out", str(tmp_path / "ev")))
+    result, out = run_test("--ckpt_path", str(trained["ckpt"]), "--out", str(tmp_path / "ev"))
     split = load_image_folder(trained["data"] / "test", None)
     _, logits = _by_hand(trained["ckpt"], split.images)
     assert result.count == TEST_IMAGES == len(split)
@@ -98,7 +102,7 @@ def test_default_report_folder_sits_beside_the_checkpoints(trained: dict[str, Pa
 
 def test_tta_averages_the_softmax_of_the_image_and_its_mirror(trained: dict[str, Path], tmp_path: Path) -> None:
     args = ("--ckpt_path", str(trained["ckpt"]), "--out", str(tmp_path / "tta"), "--tta")
-    result, _ = evaluate.run_test(_test_args(*args))
+    result, _ = run_test(*args)
     split = load_image_folder(trained["data"] / "test", None)
     model, logits = _by_hand(trained["ckpt"], split.images)
     with torch.inference_mode():
@@ -114,8 +118,8 @@ def test_data_without_a_test_split_points_to_split_val(trained: dict[str, Path],
     train_only = make_image_folder(tmp_path / "train_only", per_class={"train": 12})
     args = ["--ckpt_path", str(trained["ckpt"]), "--data_dir", str(train_only), "--out", str(tmp_path / "v")]
     with pytest.raises(UserError, match=r"no test split.*--split val"):
-        evaluate.run_test(_test_args(*args))
-    result, _ = evaluate.run_test(_test_args(*args, "--split", "val"))
+        run_test(*args)
+    result, _ = run_test(*args, "--split", "val")
     assert result.split == "val" and result.count == 6  # the checkpoint's --val_size, same seed
 
 
@@ -225,7 +229,7 @@ def test_scripts_report_a_missing_checkpoint_on_one_line(tmp_path: Path) -> None
 
 
 def test_the_confusion_figure_is_drawn_within_its_time_budget(monkeypatch: pytest.MonkeyPatch) -> None:
-    from cifar_resnet import eval_callbacks
+    from cifar_resnet.training import reporting as eval_callbacks
 
     clock = [100.0]
     monkeypatch.setattr(eval_callbacks.time, "perf_counter", lambda: clock[0])

@@ -13,9 +13,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cifar_resnet import cli
-from cifar_resnet.cli import build_parser, run_fit
-from cifar_resnet.curves import read_scalars
+from cifar_resnet.cli import fit as cli
+from cifar_resnet.cli.fit import build_parser, run_fit
+from cifar_resnet.tools.curves import read_scalars
 from tests.conftest import REPO_ROOT
 
 
@@ -200,7 +200,7 @@ def test_line_progress_reports_each_epochs_own_training_and_validation_metrics(
 
 
 def test_durations_read_as_hours_minutes_or_seconds() -> None:
-    from cifar_resnet.callbacks import format_duration
+    from cifar_resnet.training.callbacks import format_duration
 
     assert [format_duration(s) for s in (0.4, 45, 60, 754.6, 3600, 11_100)] == [
         "0s", "45s", "1m 00s", "12m 35s", "1h 00m", "3h 05m"

@@ -59,7 +59,9 @@ def randomise_bn_stats_(model: nn.Module) -> nn.Module:
 
 def test_registry_lists_every_family() -> None:
     names = list_models()
-    assert names == sorted(names)
+    assert names[:11] == ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+                          "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet1202"]  # fmt: skip
+    assert len(names) == len(set(names))
     assert set(EXPECTED_PARAMS) | {"preact_resnet18", "preact_resnet20", "preact_resnet56"} <= set(names)
     assert "preact_resnet110" in names
 

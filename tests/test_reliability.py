@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from cifar_resnet import cli, fileio, reliability
-from cifar_resnet.module import ImageClassifier
-from cifar_resnet.reliability import AtomicCheckpointIO, CheckpointWriteError
+from cifar_resnet import fileio
+from cifar_resnet.cli import fit as cli
+from cifar_resnet.training import reliability
+from cifar_resnet.training.module import ImageClassifier
+from cifar_resnet.training.reliability import AtomicCheckpointIO, CheckpointWriteError
 from tests.conftest import REPO_ROOT, make_image_folder
 from tests.test_fit import fit, fit_args
 
@@ -207,7 +209,7 @@ def test_disk_full_during_a_fit_exits_2_with_one_line_and_keeps_last(
         real_fsync(fd)
 
     monkeypatch.setattr(fileio.os, "fsync", fsync_fails_after_the_first_epoch)
-    code = cli.fit_main(fit_args(tiny_folder, logs, "--max_epochs", "3", "--no_test"))
+    code = cli.main(fit_args(tiny_folder, logs, "--max_epochs", "3", "--no_test"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("fit.py: error: could not write checkpoint "), err
     assert "No space left on device" in err[0]
@@ -230,7 +232,7 @@ def test_nan_losses_stop_the_run_naming_the_step_and_no_nan_checkpoint_is_writte
 
     monkeypatch.setattr(ImageClassifier, "_loss", poisoned)
     logs = tmp_path / "logs"
-    code = cli.fit_main(fit_args(tiny_folder, logs, "--max_epochs", "3", "--no_test", "--max_nonfinite_steps", "2"))
+    code = cli.main(fit_args(tiny_folder, logs, "--max_epochs", "3", "--no_test", "--max_nonfinite_steps", "2"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert "training diverged: 2 consecutive non-finite losses from training step 4" in err[0]
@@ -240,7 +242,7 @@ def test_nan_losses_stop_the_run_naming_the_step_and_no_nan_checkpoint_is_writte
 
     # With a patient limit the epoch-end save meets NaN weights: the checkpoint IO refuses them.
     logs = tmp_path / "patient"
-    code = cli.fit_main(fit_args(tiny_folder, logs, "--max_epochs", "3", "--no_test", "--max_nonfinite_steps", "50"))
+    code = cli.main(fit_args(tiny_folder, logs, "--max_epochs", "3", "--no_test", "--max_nonfinite_steps", "50"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "weights are not finite" in err[0] and "lower --lr" in err[0], err
     last = _load(logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt")
@@ -257,13 +259,13 @@ def test_config_drift_and_finished_runs(tiny_folder: Path, tmp_path: Path, capsy
     before = sorted((p.name, p.stat().st_mtime_ns) for p in last.parent.iterdir())
     capsys.readouterr()
 
-    assert cli.fit_main(fit_args(tiny_folder, logs, "--max_epochs", "1", "--ckpt_path", str(last))) == 0
+    assert cli.main(fit_args(tiny_folder, logs, "--max_epochs", "1", "--ckpt_path", str(last))) == 0
     out = capsys.readouterr().out
     assert "has already trained 1 epochs (--max_epochs 1): the run is finished, nothing to do" in out
     assert sorted((p.name, p.stat().st_mtime_ns) for p in last.parent.iterdir()) == before
 
     four_classes = make_image_folder(tmp_path / "four", classes=4)
-    assert cli.fit_main(fit_args(four_classes, logs, "--max_epochs", "2", "--ckpt_path", str(last))) == 2
+    assert cli.main(fit_args(four_classes, logs, "--max_epochs", "2", "--ckpt_path", str(last))) == 2
     assert "has 3 classes but" in capsys.readouterr().err
 
     # A longer --max_epochs extends the run: training continues from the next epoch.
@@ -343,7 +345,7 @@ def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_folder: Path
     failures = []
     for extra, expected in cases:
         try:
-            code = cli.fit_main(_with(base, extra))
+            code = cli.main(_with(base, extra))
         except SystemExit as stop:  # argparse errors
             code = stop.code
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cifar_resnet.data import CIFARDataModule
-from cifar_resnet.module import ImageClassifier
+from cifar_resnet.training.module import ImageClassifier
 
 
 @pytest.mark.parametrize("arch", ["resnet20", "resnet18", "preact_resnet20"])
@@ -74,7 +74,7 @@ def test_precision_auto_picks_bf16_on_gpus_that_have_it_and_refuses_it_where_the
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from cifar_resnet.errors import UserError
-    from cifar_resnet.trainer import resolve_precision
+    from cifar_resnet.training.trainer import resolve_precision
 
     assert resolve_precision("auto", "auto") == "32-true"  # no GPU visible in tests
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -11,17 +11,9 @@ import pytest
 import torch
 from torch import nn
 
+from cifar_resnet.cli.summary import format_layer_table, format_model_rows
 from cifar_resnet.models import create_model, list_models
-from cifar_resnet.models.summary import (
-    ModelRow,
-    count_macs,
-    count_params,
-    format_layer_table,
-    format_model_rows,
-    layer_table,
-    model_rows,
-    natural_key,
-)
+from cifar_resnet.models.summary import ModelRow, count_macs, count_params, layer_table, model_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "summary.py"
@@ -111,16 +103,21 @@ def test_model_rows_and_markdown() -> None:
     rows = model_rows(["resnet20", "resnet18"])
     assert [(r.name, r.params) for r in rows] == [("resnet20", 269_722), ("resnet18", 11_173_962)]
     assert all(isinstance(r, ModelRow) and r.macs > 0 for r in rows)
-    md = format_model_rows(rows, markdown=True).splitlines()
-    assert md[0].startswith("| model | params |")
-    assert md[2] == "| `resnet20` | 269,722 | 40.55 M |"
-    assert md[3].startswith("| `resnet18` | 11,173,962 | 555.")
+    md = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in format_model_rows(rows, markdown=True).splitlines()
+    ]
+    assert md[0] == ["model", "params", "MACs (1x3x32x32)"]
+    assert md[1][1].endswith(":") and not md[1][0].endswith(":"), "numbers right-aligned, names left"
+    assert md[2] == ["`resnet20`", "269,722", "40.55 M"]
+    assert md[3][:2] == ["`resnet18`", "11,173,962"] and md[3][2].startswith("555.")
     assert "resnet18" in format_model_rows(rows)
 
 
-def test_natural_order() -> None:
-    ordered = sorted(list_models(), key=natural_key)
+def test_every_model_is_listed_shallow_to_deep() -> None:
+    ordered = list_models()
     assert ordered.index("resnet20") < ordered.index("resnet110") < ordered.index("resnet1202")
+    assert ordered.index("resnet18") < ordered.index("resnet50") < ordered.index("resnet152")
 
 
 def test_script_main_in_process(capsys: pytest.CaptureFixture[str]) -> None:

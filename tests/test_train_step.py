@@ -16,9 +16,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torchmetrics.classification import MulticlassAccuracy
 
 from cifar_resnet.data import CIFARDataModule
-from cifar_resnet.module import ImageClassifier
-from cifar_resnet.schedule import LRSchedule
-from cifar_resnet.train_step import IMAGES, LOSS_TIMES_IMAGES, TOP1_HITS, TOPK_HITS, GraphedStep, TrainingTally
+from cifar_resnet.training.module import ImageClassifier
+from cifar_resnet.training.schedule import LRSchedule
+from cifar_resnet.training.step import IMAGES, LOSS_TIMES_IMAGES, TOP1_HITS, TOPK_HITS, GraphedStep, TrainingTally
 from tests.conftest import make_image_folder
 
 
@@ -194,12 +194,14 @@ def _eager_reference(initial: dict[str, torch.Tensor], batches: list, fused: boo
 def test_the_step_trains_exactly_like_an_eager_loop(
     graphed: bool, folder: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
+    EagerReplay.instances = []
     if graphed:
         request.getfixturevalue("graphs_on_the_cpu")
     recorder = RecordBatches()
     module, initial, trainer = _train(folder, tmp_path, callbacks=[recorder], cuda_graphs=graphed)
     assert trainer.global_step == len(recorder.batches) == 20
-    assert (module._graphed is not None) == graphed
+    replays = sum(backend.replays for backend in EagerReplay.instances) if graphed else 0
+    assert replays == (17 if graphed else 0), "3 warm-up steps, then every step a replay"
     got = module.model.state_dict()
     same_arithmetic = _eager_reference(initial, recorder.batches, fused=True)
     different = [k for k in got if not torch.equal(got[k], same_arithmetic[k])]
@@ -286,7 +288,7 @@ def test_training_steps_never_wait_for_the_device_except_to_log(
     from tests.test_fit import fit, fit_args
 
     recorder = SyncRecorder()
-    build = __import__("cifar_resnet.cli", fromlist=["build_trainer"]).build_trainer
+    build = __import__("cifar_resnet.cli.fit", fromlist=["build_trainer"]).build_trainer
 
     def with_marks(settings: Any) -> Any:
         trainer, checkpoints = build(settings)
@@ -294,7 +296,7 @@ def test_training_steps_never_wait_for_the_device_except_to_log(
         return trainer, checkpoints
 
     monkeypatch = request.getfixturevalue("monkeypatch")
-    monkeypatch.setattr("cifar_resnet.cli.build_trainer", with_marks)
+    monkeypatch.setattr("cifar_resnet.cli.fit.build_trainer", with_marks)
     args = fit_args(folder, tmp_path / "logs", "--max_epochs", "2", "--no_test", "--val_size", "6")
     args[args.index("--log_every_n_steps") + 1] = "4"
     if not graphed:
@@ -314,7 +316,7 @@ def test_training_steps_never_wait_for_the_device_except_to_log(
 
 
 def test_the_lr_tensor_follows_the_replanned_schedule_after_a_resume(folder: Path, tmp_path: Path) -> None:
-    from cifar_resnet import cli
+    from cifar_resnet.cli import fit as cli
     from tests.test_fit import fit, fit_args
 
     logs = tmp_path / "logs"
@@ -350,7 +352,7 @@ def test_graphed_step_refuses_a_batch_of_another_shape() -> None:
 
 def test_a_checkpoint_from_automatic_optimization_resumes_at_its_step(folder: Path, tmp_path: Path) -> None:
     """Checkpoints written before the step went manual count steps in the automatic loop and have no tally."""
-    from cifar_resnet import cli
+    from cifar_resnet.cli import fit as cli
     from tests.test_fit import fit, fit_args
 
     logs = tmp_path / "logs"

@@ -26,8 +26,8 @@ class ModelRegistry:
         return builder
 
     def names(self) -> list[str]:
-        """All registered names, sorted."""
-        return sorted(self._builders)
+        """All registered names in registration order: family by family, shallow to deep."""
+        return list(self._builders)
 
     def create(self, arch: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
         """Build ``arch`` with a ``num_classes``-way linear head; extra kwargs go to the builder."""
@@ -52,5 +52,5 @@ def create_model(arch: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
 
 
 def list_models() -> list[str]:
-    """Sorted names of every registered model."""
+    """Names of every registered model, family by family, shallow to deep (``resnet20`` before ``resnet110``)."""
     return MODELS.names()

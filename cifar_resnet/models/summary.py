@@ -7,7 +7,6 @@ Normalisation, activations, pooling and additions are not counted, as is customa
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -115,22 +114,6 @@ def layer_table(model: nn.Module, input_size: tuple[int, ...] = CIFAR_INPUT, dep
     return rows
 
 
-def format_layer_table(rows: Iterable[LayerRow]) -> str:
-    """Fixed-width text table: name, type, output shape, params."""
-    header = ("layer", "type", "output shape", "params")
-    lines = [
-        (r.name, r.type, "x".join(map(str, r.output_shape)) if r.output_shape else "-", f"{r.params:,}") for r in rows
-    ]
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *lines, strict=False)]
-
-    def fmt(cells: tuple[str, ...]) -> str:
-        name, kind, shape, params = cells
-        return f"{name:<{widths[0]}}  {kind:<{widths[1]}}  {shape:>{widths[2]}}  {params:>{widths[3]}}"
-
-    rule = "-" * (sum(widths) + 6)
-    return "\n".join([fmt(header), rule, *(fmt(line) for line in lines)])
-
-
 def format_macs(macs: int) -> str:
     """``556.65 M`` / ``1.298 G`` style."""
     return f"{macs / 1e9:.3f} G" if macs >= 1e9 else f"{macs / 1e6:.2f} M"
@@ -142,28 +125,9 @@ def model_row(arch: str, input_size: tuple[int, ...] = CIFAR_INPUT, num_classes:
     return ModelRow(arch, count_params(model), count_macs(model, input_size))
 
 
-def natural_key(name: str) -> tuple[str | int, ...]:
-    """Sort key that orders ``resnet20`` before ``resnet110`` (digit runs compare as numbers)."""
-    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
-
-
 def model_rows(
     archs: Iterable[str] | None = None, input_size: tuple[int, ...] = CIFAR_INPUT, num_classes: int = 10
 ) -> list[ModelRow]:
     """:func:`model_row` for ``archs`` (default: every registered model, family then depth)."""
-    names = sorted(list_models(), key=natural_key) if archs is None else list(archs)
+    names = list_models() if archs is None else list(archs)
     return [model_row(a, input_size, num_classes) for a in names]
-
-
-def format_model_rows(rows: Iterable[ModelRow], markdown: bool = False) -> str:
-    """Table of name / params / MACs, as fixed-width text or as a Markdown table."""
-    cells = [(r.name, f"{r.params:,}", format_macs(r.macs)) for r in rows]
-    header = ("model", "params", "MACs (1x3x32x32)")
-    if markdown:
-        lines = [f"| {header[0]} | {header[1]} | {header[2]} |", "| --- | ---: | ---: |"]
-        lines += [f"| `{name}` | {params} | {macs} |" for name, params, macs in cells]
-        return "\n".join(lines)
-    widths = [max(len(c) for c in column) for column in zip(header, *cells, strict=False)]
-    lines = [f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}" for a, b, c in (header, *cells)]
-    lines.insert(1, "-" * (sum(widths) + 4))
-    return "\n".join(lines)

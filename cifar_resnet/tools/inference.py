@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from cifar_resnet.data.datamodule import CIFAR10_MEAN, CIFAR10_STD
 from cifar_resnet.data.sources import CIFAR10_CLASSES, detect_source
 from cifar_resnet.errors import UserError
 from cifar_resnet.models import create_model
-from cifar_resnet.runs import checkpoint_hparams, read_checkpoint
+from cifar_resnet.training.runs import checkpoint_hparams, read_checkpoint
 
 # Prefixes that wrappers put in front of the backbone's keys: the LightningModule attribute, DDP/DataParallel
 # and torch.compile.
@@ -142,25 +141,3 @@ def predict_logits_and_probs(
         empty = torch.empty(0, trained.num_classes)
         return empty, empty.clone()
     return torch.cat(logits_out), torch.cat(probs_out)
-
-
-def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A left/right aligned plain-text table (numbers right, text left)."""
-    cells = [[str(h) for h in header]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    numeric = [all(_is_number(r[i]) for r in cells[1:]) and len(cells) > 1 for i in range(len(header))]
-    lines = []
-    for r, row in enumerate(cells):
-        parts = [c.rjust(w) if numeric[i] else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
-        lines.append("  ".join(parts).rstrip())
-        if r == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text.rstrip("%"))
-    except ValueError:
-        return False
-    return True

@@ -1,10 +1,7 @@
-"""``scripts/predict.py``: the top-k classes of image files of any size, from a checkpoint."""
+"""The top-k classes of image files of any size, from a checkpoint."""
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +12,9 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.v2 import functional as TF
 
-from cifar_resnet.cli import OneLineErrorParser
 from cifar_resnet.data.sources import IMAGE_SIZE
 from cifar_resnet.errors import UserError
-from cifar_resnet.inference import auto_device, format_table, load_trained_model, predict_logits_and_probs
-from cifar_resnet.script_io import run_reporting_user_errors
+from cifar_resnet.tools.inference import auto_device, load_trained_model, predict_logits_and_probs
 
 
 @dataclass
@@ -80,47 +75,3 @@ def predict_files(
         for path, values, indices in zip(chunk, top.values.tolist(), top.indices.tolist(), strict=True):
             predictions.append(Prediction(str(path), [trained.classes[i] for i in indices], values))
     return predictions, downscaled
-
-
-def format_predictions(predictions: Sequence[Prediction]) -> str:
-    k = max(len(p.classes) for p in predictions)
-    header = ["image"] + [f"top-{i + 1}" for i in range(k)]
-    rows = [[p.path] + [f"{c} {v:.3f}" for c, v in zip(p.classes, p.probs, strict=True)] for p in predictions]
-    return format_table(header, rows)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineErrorParser(
-        prog="predict.py",
-        description="Top-k classes with probabilities for image files (any size; resized to 32x32).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--ckpt_path", required=True, help="a checkpoint written by fit.py")
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
-    p.add_argument("--topk", type=int, default=3, help="classes shown per image")
-    p.add_argument("--batch_size", type=int, default=256, help="images per forward pass")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    return p
-
-
-def predict_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``scripts/predict.py``."""
-    args = build_parser().parse_args(argv)
-
-    def work() -> int:
-        if args.topk < 1 or args.batch_size < 1:
-            raise UserError("--topk and --batch_size must be at least 1")
-        predictions, downscaled = predict_files(args.ckpt_path, args.inputs, args.topk, args.batch_size)
-        if downscaled:
-            print(
-                f"predict.py: warning: {len(downscaled)} of {len(predictions)} images are larger than "
-                f"{IMAGE_SIZE}x{IMAGE_SIZE} and were downscaled, losing detail (first: {downscaled[0]})",
-                file=sys.stderr,
-            )
-        if args.json:
-            print(json.dumps([p.__dict__ for p in predictions], indent=2))
-        else:
-            print(format_predictions(predictions))
-        return 0
-
-    return run_reporting_user_errors("predict.py", work)

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from cifar_resnet.plots import confusion_figure
+from cifar_resnet.tools.plots import confusion_figure
 
 
 def _tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:

@@ -14,8 +14,8 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from cifar_resnet.models import create_model
-from cifar_resnet.schedule import LRSchedule
-from cifar_resnet.train_step import (
+from cifar_resnet.training.schedule import LRSchedule
+from cifar_resnet.training.step import (
     IMAGES,
     LOSS_TIMES_IMAGES,
     TOP1_HITS,

@@ -28,9 +28,9 @@ from torchvision import transforms
 from cifar_resnet.data import CIFAR10_MEAN, CIFAR10_STD, CIFARDataModule
 from cifar_resnet.errors import UserError
 from cifar_resnet.models import create_model
-from cifar_resnet.module import ImageClassifier
-from cifar_resnet.schedule import LRSchedule
-from cifar_resnet.trainer import TrainerSettings, build_trainer
+from cifar_resnet.training.module import ImageClassifier
+from cifar_resnet.training.schedule import LRSchedule
+from cifar_resnet.training.trainer import TrainerSettings, build_trainer
 
 
 @dataclass

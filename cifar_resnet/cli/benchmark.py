@@ -13,14 +13,13 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from cifar_resnet import benchmark
-from cifar_resnet.benchmark import Figure
-from cifar_resnet.cli import OneLineErrorParser
+from cifar_resnet.cli.common import OneLineErrorParser, run_reporting_user_errors
 from cifar_resnet.data import CIFARDataModule
 from cifar_resnet.errors import UserError
 from cifar_resnet.models import list_models
-from cifar_resnet.script_io import run_reporting_user_errors
-from cifar_resnet.trainer import resolve_precision
+from cifar_resnet.tools import benchmark
+from cifar_resnet.tools.benchmark import Figure
+from cifar_resnet.training.trainer import resolve_precision
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,7 +261,7 @@ def format_table(figures: list[Figure]) -> str:
     return "\n".join(rows)
 
 
-def benchmark_main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``scripts/benchmark.py``."""
     args = build_parser().parse_args(argv)
 

@@ -1,17 +1,13 @@
-"""``scripts/plot.py``: loss, accuracy and learning-rate curves of a run as PNGs, from its TensorBoard events."""
+"""Loss, accuracy and learning-rate curves of a run as PNGs, from its TensorBoard events."""
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Sequence
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cifar_resnet.cli import OneLineErrorParser
 from cifar_resnet.errors import UserError
-from cifar_resnet.plots import curves_figure, save_figure
-from cifar_resnet.script_io import run_reporting_user_errors
+from cifar_resnet.tools.plots import curves_figure, save_figure
 
 # (file name, title, y label, tags): only tags present in the run are drawn.
 PANELS = (
@@ -52,26 +48,3 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     if not written:
         raise UserError(f"{run_dir} has none of the tags {', '.join(t for p in PANELS for t in p[3])}")
     return written
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineErrorParser(
-        prog="plot.py",
-        description="PNG curves of loss, accuracy and learning rate of a run folder.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("run_dir", help="a run folder, e.g. lightning_logs/resnet20/version_0")
-    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/plots)")
-    return p
-
-
-def plot_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``scripts/plot.py``."""
-    args = build_parser().parse_args(argv)
-
-    def work() -> int:
-        for path in plot_run(args.run_dir, args.out):
-            print(path)
-        return 0
-
-    return run_reporting_user_errors("plot.py", work)

@@ -8,33 +8,27 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from cifar_resnet.cli.common import OneLineErrorParser
 from cifar_resnet.data import CIFARDataModule
 from cifar_resnet.data.sources import check_data_dir
 from cifar_resnet.data.stats import describe_data
 from cifar_resnet.errors import UserError
 from cifar_resnet.models import list_models
-from cifar_resnet.module import ImageClassifier
-from cifar_resnet.reliability import TrainingInterruptedError, sigterm_stop
-from cifar_resnet.runs import (
+from cifar_resnet.training.module import ImageClassifier
+from cifar_resnet.training.reliability import TrainingInterruptedError, sigterm_stop
+from cifar_resnet.training.runs import (
     checkpoint_hparams,
     completed_epochs,
     find_last_checkpoint,
     read_checkpoint,
     run_location_of,
 )
-from cifar_resnet.trainer import TrainerSettings, build_trainer, run_dir
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument on one line (no usage dump) and exits with status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+from cifar_resnet.training.trainer import TrainerSettings, build_trainer, run_dir
 
 
 def _positive_int(text: str) -> int:
@@ -389,7 +383,7 @@ def _report(result: dict[str, Any], args: argparse.Namespace) -> None:
     print("\n".join(lines), flush=True)
 
 
-def fit_main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``scripts/fit.py``; user mistakes end as one line on stderr and exit status 2."""
     parser = build_parser()
     args = parser.parse_args(argv)

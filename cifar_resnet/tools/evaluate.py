@@ -1,4 +1,4 @@
-"""``scripts/test.py``: evaluate a checkpoint on the test (or validation) split and write a report folder.
+"""Evaluate a checkpoint on the test (or validation) split and write a report folder.
 
 Top-1/top-5 accuracy, loss, per-class accuracy, confusion matrix, expected calibration error, the most
 confidently misclassified images and every prediction; metrics come from torchmetrics.
@@ -6,10 +6,8 @@ confidently misclassified images and every prediction; metrics come from torchme
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,13 +16,12 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassConfusionMatrix
 
-from cifar_resnet.cli import OneLineErrorParser
-from cifar_resnet.data import CIFARDataModule
+from cifar_resnet.data.datamodule import CIFARDataModule
 from cifar_resnet.data.sources import ImageSplit
 from cifar_resnet.errors import UserError
-from cifar_resnet.inference import TrainedModel, auto_device, format_table, load_trained_model, predict_logits_and_probs
-from cifar_resnet.plots import confusion_figure, misclassified_figure, save_figure
-from cifar_resnet.script_io import run_reporting_user_errors
+from cifar_resnet.tables import format_table
+from cifar_resnet.tools.inference import TrainedModel, auto_device, load_trained_model, predict_logits_and_probs
+from cifar_resnet.tools.plots import confusion_figure, misclassified_figure, save_figure
 
 CALIBRATION_BINS = 15
 
@@ -195,42 +192,21 @@ def format_report(result: Evaluation, ckpt: Path) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineErrorParser(
-        prog="test.py",
-        description="Evaluate a checkpoint: accuracy, per-class accuracy, confusion matrix, calibration, mistakes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--ckpt_path", required=True, help="a checkpoint written by fit.py")
-    p.add_argument("--data_dir", default=None, help="evaluate on this data instead of the checkpoint's")
-    p.add_argument("--split", default="test", choices=["test", "val"], help="val: the held-out validation split")
-    p.add_argument("--tta", action="store_true", help="average the softmax over the image and its mirror")
-    p.add_argument("--out", default=None, help="report folder (default: <run>/eval-<ckpt stem>)")
-    p.add_argument("--batch_size", type=int, default=512, help="evaluation batch size")
-    p.add_argument("--cache_dir", default=None, help="decoded image-folder cache (default ~/.cache/cifar_resnet)")
-    return p
-
-
-def run_test(args: argparse.Namespace) -> tuple[Evaluation, Path]:
-    """Load, evaluate, write the report folder; returns the evaluation and the folder."""
-    ckpt = Path(args.ckpt_path)
+def evaluate_checkpoint(
+    ckpt_path: str | Path,
+    data_dir: str | None = None,
+    split: str = "test",
+    tta: bool = False,
+    out: str | Path | None = None,
+    batch_size: int = 512,
+    cache_dir: str | None = None,
+) -> tuple[Evaluation, Path]:
+    """Load, evaluate, write the report folder (``report.txt`` included); returns the evaluation and the folder."""
+    ckpt = Path(ckpt_path)
     trained = load_trained_model(ckpt).to(auto_device())
-    split = load_eval_split(trained, args.data_dir, args.split, args.cache_dir)
-    result = evaluate_split(trained, split, args.split, args.tta, max(1, args.batch_size))
-    out = Path(args.out) if args.out else default_out_dir(ckpt, args.split, args.tta)
-    write_report(result, split.images, out)
-    (out / "report.txt").write_text(format_report(result, ckpt) + "\n")
-    return result, out
-
-
-def test_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``scripts/test.py``."""
-    args = build_parser().parse_args(argv)
-
-    def work() -> int:
-        result, out = run_test(args)
-        print(format_report(result, Path(args.ckpt_path)))
-        print(f"\nreport written to {out}")
-        return 0
-
-    return run_reporting_user_errors("test.py", work)
+    chosen = load_eval_split(trained, data_dir, split, cache_dir)
+    result = evaluate_split(trained, chosen, split, tta, max(1, batch_size))
+    folder = Path(out) if out else default_out_dir(ckpt, split, tta)
+    write_report(result, chosen.images, folder)
+    (folder / "report.txt").write_text(format_report(result, ckpt) + "\n")
+    return result, folder

@@ -17,11 +17,17 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from cifar_resnet.callbacks import AugmentationPreview, EpochThroughput, LineProgress, SaveRunArguments, StepMetricsBar
 from cifar_resnet.errors import UserError
-from cifar_resnet.eval_callbacks import ValidationReport
-from cifar_resnet.reliability import BackgroundCheckpointIO, DivergenceStop, GracefulInterrupt, RNGState
-from cifar_resnet.runs import RunLocation
+from cifar_resnet.training.callbacks import (
+    AugmentationPreview,
+    EpochThroughput,
+    LineProgress,
+    SaveRunArguments,
+    StepMetricsBar,
+)
+from cifar_resnet.training.reliability import BackgroundCheckpointIO, DivergenceStop, GracefulInterrupt, RNGState
+from cifar_resnet.training.reporting import ValidationReport
+from cifar_resnet.training.runs import RunLocation
 
 BEST_CHECKPOINT_PATTERN = "best-epoch{epoch:03d}-val_acc{val/acc:.4f}"
 

@@ -1,4 +1,4 @@
-"""``scripts/export.py``: a checkpoint's model as a plain file (TorchScript, ONNX or a state dict).
+"""A checkpoint's model as a plain file (TorchScript, ONNX or a state dict).
 
 Every format is checked after writing: reloaded without Lightning and compared with the checkpoint's
 model on random inputs. A JSON sidecar (``<file>.json``) records architecture, classes and preprocessing.
@@ -6,22 +6,18 @@ model on random inputs. A JSON sidecar (``<file>.json``) records architecture, c
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cifar_resnet.cli import OneLineErrorParser
 from cifar_resnet.data.sources import IMAGE_SIZE
 from cifar_resnet.errors import UserError
-from cifar_resnet.inference import TrainedModel, load_trained_model
 from cifar_resnet.models import create_model
-from cifar_resnet.script_io import run_reporting_user_errors
+from cifar_resnet.tools.inference import TrainedModel, load_trained_model
 
 FORMATS = {"torchscript": ".pt", "onnx": ".onnx", "state_dict": ".pth"}
 ONNX_MISSING = "--format onnx needs the packages onnx and onnxscript: pip install -e .[onnx]"
@@ -117,28 +113,3 @@ def export_checkpoint(ckpt_path: str | Path, fmt: str, out: str | Path | None = 
     if not torch.allclose(got, expected, rtol=1e-4, atol=1e-4):
         raise UserError(f"exported {fmt} model differs from the checkpoint's (max |diff| {diff:.3g}); not usable")
     return path, f"verified: outputs match the checkpoint's model on random inputs (max |diff| {diff:.2g})"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineErrorParser(
-        prog="export.py",
-        description="Export a checkpoint's model as a plain file usable without Lightning.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--ckpt_path", required=True, help="a checkpoint written by fit.py")
-    p.add_argument("--format", required=True, choices=list(FORMATS), help="file format")
-    p.add_argument("--out", default=None, help="output file (default: beside the checkpoint)")
-    return p
-
-
-def export_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``scripts/export.py``."""
-    args = build_parser().parse_args(argv)
-
-    def work() -> int:
-        path, check = export_checkpoint(args.ckpt_path, args.format, args.out)
-        print(f"wrote {path} ({args.format}) and {path}.json (classes, mean/std)")
-        print(check)
-        return 0
-
-    return run_reporting_user_errors("export.py", work)

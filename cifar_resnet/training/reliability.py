@@ -160,7 +160,7 @@ def _numpy_state() -> dict[str, Any]:
 class DivergenceStop(Callback):
     """Stops training after ``max_nonfinite`` consecutive non-finite training losses.
 
-    The module's :class:`~cifar_resnet.train_step.TrainingTally` follows the streak on the device inside the
+    The module's :class:`~cifar_resnet.training.step.TrainingTally` follows the streak on the device inside the
     training step; the host reads where a streak tripped only every ``check_every`` steps and at the end of
     each epoch, so the GPU's queue is drained rarely. Detection can therefore come up to ``check_every``
     steps late; the checkpoint IO refuses non-finite weights in the meantime.
