@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +10,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cifar_resnet.cli import fit as cli
-from cifar_resnet.cli.fit import build_parser, run_fit
+from cifar_resnet.cli.arguments import resolve
+from cifar_resnet.cli.fit import run_fit
 from cifar_resnet.tools.curves import read_scalars
 from tests.conftest import REPO_ROOT
 
@@ -28,7 +29,8 @@ def fit_args(data: Path, logs: Path, *extra: str) -> list[str]:
 
 
 def fit(*argv: str) -> dict:
-    return run_fit(build_parser().parse_args(list(argv)))
+    request = resolve(list(argv))
+    return run_fit(request.config, request.explicit)
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -41,14 +43,17 @@ def test_full_fit_validate_and_test_on_an_image_folder(tiny_folder: Path, tmp_pa
     result = fit(*fit_args(tiny_folder, logs, "--max_epochs", "2"))
     run_dir = logs / "resnet20" / "version_0"
     assert result["run_dir"] == str(run_dir)
-    assert 0.0 <= result["best_val_acc"] <= 1.0 and result["best_epoch"] in (0, 1)
+    assert 0.0 <= result["best_val_acc"] <= 1.0 and result["best_epoch"] in (1, 2), "epochs count from 1"
+    assert Path(result["best_checkpoint"]).name.startswith(f"best-epoch{result['best_epoch']:03d}-")
     assert 0.0 <= result["test_acc"] <= 1.0
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (
         Path(result["best_checkpoint"]).is_file() and Path(result["best_checkpoint"]).parent == run_dir / "checkpoints"
     )
-    saved = json.loads((run_dir / "args.json").read_text())
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["arch"] == "resnet20" and saved["max_epochs"] == 2 and saved["batch_size"] == 8
+    assert saved["data_dir"] == str(tiny_folder.resolve()) and saved["log_dir"] == str(logs.resolve())
+    assert (saved["precision"], saved["accelerator"], saved["devices"]) == ("32-true", "cpu", 1), "resolved"
 
     # The checkpoint loads with weights_only=True: plain hyperparameters, no pickled objects.
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -109,8 +114,8 @@ def test_resume_continues_the_same_run_with_the_same_lr_curve_and_best(
 
     build = cli.build_trainer
 
-    def interrupted(settings):  # the first run stops after 2 of its 4 epochs
-        trainer, checkpoint = build(settings)
+    def interrupted(config, label):  # the first run stops after 2 of its 4 epochs
+        trainer, checkpoint = build(config, label)
         trainer.callbacks.append(_StopAfter(2))
         return trainer, checkpoint
 
@@ -122,7 +127,7 @@ def test_resume_continues_the_same_run_with_the_same_lr_curve_and_best(
     result = fit(*fit_args(tiny_folder, split_logs, *common, "--ckpt_path", "last"))
 
     assert sorted(p.name for p in (split_logs / "resnet20").iterdir()) == ["version_0"], "no new version"
-    assert (run_dir / "args.json").is_file() and (run_dir / "args.resume1.json").is_file()
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "config.resume1.yaml").is_file()
     whole, split = scalars(whole_logs / "resnet20" / "version_0"), scalars(run_dir)
     assert [s for s, _ in split["train/lr"]] == [s for s, _ in whole["train/lr"]]
     assert [v for _, v in split["train/lr"]] == pytest.approx([v for _, v in whole["train/lr"]], rel=1e-6)

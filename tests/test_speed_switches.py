@@ -13,7 +13,7 @@ from cifar_resnet.training.module import ImageClassifier
 @pytest.mark.parametrize("arch", ["resnet20", "resnet18", "preact_resnet20"])
 def test_channels_last_gives_the_same_outputs(arch: str) -> None:
     torch.manual_seed(0)
-    plain = ImageClassifier(arch=arch).eval()
+    plain = ImageClassifier(arch=arch, channels_last=False).eval()
     fast = ImageClassifier(arch=arch, channels_last=True).eval()
     fast.load_state_dict(plain.state_dict())
     fast.configure_model()
@@ -27,7 +27,7 @@ def test_channels_last_gives_the_same_outputs(arch: str) -> None:
 
 def test_channels_last_gives_the_same_gradients() -> None:
     torch.manual_seed(0)
-    plain = ImageClassifier(arch="resnet20")
+    plain = ImageClassifier(arch="resnet20", channels_last=False)
     fast = ImageClassifier(arch="resnet20", channels_last=True)
     fast.load_state_dict(plain.state_dict())
     fast.configure_model()
@@ -40,7 +40,7 @@ def test_channels_last_gives_the_same_gradients() -> None:
 
 def test_compiled_model_trains_one_step_on_the_cpu(tiny_folder: Path, tmp_path: Path) -> None:
     dm = CIFARDataModule(data_dir=str(tiny_folder), batch_size=8, val_size=6, cache_dir=str(tmp_path / "c"))
-    model = ImageClassifier(arch="resnet20", num_classes=3, compile_model=True)
+    model = ImageClassifier(arch="resnet20", num_classes=3, compile=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = L.Trainer(
         accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,

@@ -82,9 +82,9 @@ class RecordBatches(L.Callback):
 
 def _train(folder: Path, tmp_path: Path, epochs: int = 2, callbacks: list[L.Callback] | None = None,
            **module_args: Any) -> tuple[ImageClassifier, dict[str, torch.Tensor], L.Trainer]:  # fmt: skip
-    dm = CIFARDataModule(str(folder), batch_size=8, val_size=6, cache_dir=str(tmp_path / "cache"), data_seed=1)
+    dm = CIFARDataModule(str(folder), batch_size=8, val_size=6, cache_dir=str(tmp_path / "cache"), seed=1)
     torch.manual_seed(0)
-    module = ImageClassifier(arch="resnet20", num_classes=3, **module_args)
+    module = ImageClassifier(arch="resnet20", num_classes=3, **{"channels_last": False, **module_args})
     initial = copy.deepcopy(module.model.state_dict())
     trainer = L.Trainer(
         accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -290,8 +290,8 @@ def test_training_steps_never_wait_for_the_device_except_to_log(
     recorder = SyncRecorder()
     build = __import__("cifar_resnet.cli.fit", fromlist=["build_trainer"]).build_trainer
 
-    def with_marks(settings: Any) -> Any:
-        trainer, checkpoints = build(settings)
+    def with_marks(*args: Any) -> Any:
+        trainer, checkpoints = build(*args)
         trainer.callbacks.insert(0, MarkBatches(recorder))
         return trainer, checkpoints
 
@@ -324,8 +324,8 @@ def test_the_lr_tensor_follows_the_replanned_schedule_after_a_resume(folder: Pat
     recorder = RecordBatches()
     build = cli.build_trainer
 
-    def recording(settings: Any) -> Any:
-        trainer, checkpoints = build(settings)
+    def recording(*args: Any) -> Any:
+        trainer, checkpoints = build(*args)
         trainer.callbacks.append(recorder)
         return trainer, checkpoints
 
@@ -372,8 +372,8 @@ def test_a_checkpoint_from_automatic_optimization_resumes_at_its_step(folder: Pa
     recorder = RecordBatches()
     build = cli.build_trainer
 
-    def recording(settings: Any) -> Any:
-        trainer, checkpoints = build(settings)
+    def recording(*args: Any) -> Any:
+        trainer, checkpoints = build(*args)
         trainer.callbacks.append(recorder)
         return trainer, checkpoints
 

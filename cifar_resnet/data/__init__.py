@@ -1,8 +1,12 @@
-"""CIFAR-10 data: sources decoded once to uint8 tensors, a stratified split, batch augmentation, the DataModule."""
+"""CIFAR-10 data: sources decoded once to uint8 tensors, a stratified split, batch augmentation, the DataModule.
+
+Importing this package does not import Lightning; ``CIFARDataModule`` is loaded on first use.
+"""
+
+from typing import Any
 
 from cifar_resnet.data.augment import BatchAugment, Normalize
-from cifar_resnet.data.datamodule import CIFAR10_MEAN, CIFAR10_STD, CIFARDataModule
-from cifar_resnet.data.sources import ImageSplit, detect_source
+from cifar_resnet.data.sources import CIFAR10_MEAN, CIFAR10_STD, ImageSplit, detect_source
 from cifar_resnet.data.split import stratified_split
 
 __all__ = [
@@ -15,3 +19,11 @@ __all__ = [
     "detect_source",
     "stratified_split",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "CIFARDataModule":
+        from cifar_resnet.data.datamodule import CIFARDataModule
+
+        return CIFARDataModule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

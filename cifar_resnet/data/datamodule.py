@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,8 +14,11 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from torchvision.datasets.folder import find_classes
 
+from cifar_resnet.config import DataConfig, as_dict, upgrade_names
 from cifar_resnet.data.augment import AugmentConfig, BatchAugment, Normalize
 from cifar_resnet.data.sources import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
     ImageSplit,
     default_cache_dir,
     detect_source,
@@ -23,10 +28,6 @@ from cifar_resnet.data.sources import (
 )
 from cifar_resnet.data.split import stratified_split
 from cifar_resnet.errors import UserError
-
-# Per-channel mean and std of the 50,000 CIFAR-10 training images (the values the field uses).
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
 class TensorImageDataset(Dataset):
@@ -141,37 +142,27 @@ class CIFARDataModule(L.LightningDataModule):
     augmented (training) or normalised (evaluation) after they reach their device.
     """
 
-    def __init__(
-        self,
-        data_dir: str = "./data",
-        batch_size: int = 128,
-        eval_batch_size: int = 1024,
-        val_size: int = 5000,
-        num_workers: int = 0,
-        data_seed: int = 0,
-        crop_padding: int = 4,
-        hflip: bool = True,
-        color_jitter: tuple[float, float, float, float] | None = None,
-        random_resized_crop: bool = False,
-        cutout: int = 0,
-        cache_dir: str | None = None,
-        data_on_device: bool = True,
-    ) -> None:
+    def __init__(self, config: DataConfig | str | os.PathLike[str] | None = None, **options: Any) -> None:
+        """``CIFARDataModule("path/to/data", batch_size=256)`` or ``CIFARDataModule(DataConfig(...))``: every option
+        of :class:`~cifar_resnet.config.DataConfig` (defaults and checks there)."""
         super().__init__()
-        if batch_size < 1 or eval_batch_size < 1:
-            raise UserError(f"batch sizes must be positive, got {batch_size} and {eval_batch_size}")
-        if val_size < 0:
-            raise UserError(f"--val_size must be 0 or more, got {val_size}")
-        self.save_hyperparameters(ignore=["cache_dir"])
-        self.data_dir = Path(data_dir)
-        self.source = detect_source(data_dir)
-        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        if isinstance(config, str | os.PathLike):
+            config, options = None, {"data_dir": os.fspath(config), **options}
+        try:
+            config = dataclasses.replace(config or DataConfig(), **upgrade_names(options))
+        except TypeError as err:  # an unknown keyword
+            raise TypeError(f"CIFARDataModule: {err}; see cifar_resnet.config.DataConfig") from None
+        self.config = config
+        self.save_hyperparameters(as_dict(config))
+        self.data_dir = Path(config.data_dir)
+        self.source = detect_source(config.data_dir)
+        self.cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
         self.augment_config = AugmentConfig(
-            random_resized_crop=random_resized_crop,
-            crop_padding=crop_padding,
-            hflip=hflip,
-            color_jitter=tuple(color_jitter) if color_jitter else None,
-            cutout=cutout,
+            random_resized_crop=config.random_resized_crop,
+            crop_padding=config.crop_padding,
+            hflip=config.hflip,
+            color_jitter=config.color_jitter,
+            cutout=config.cutout,
         )
         self.train_augment = BatchAugment(self.augment_config, CIFAR10_MEAN, CIFAR10_STD)
         self.normalize = Normalize(CIFAR10_MEAN, CIFAR10_STD)
@@ -218,7 +209,7 @@ class CIFARDataModule(L.LightningDataModule):
         self.test_split = self._load(train=False) if self.has_test_split else None
         if self.test_split is not None and self.test_split.classes != full_train.classes:
             raise UserError(f"test classes {self.test_split.classes} differ from train classes {full_train.classes}")
-        val_size = self.hparams.val_size
+        val_size = self.config.val_size
         if val_size == 0:
             if self.test_split is None:
                 raise UserError(f"--val_size 0 validates on the test split, but {self.data_dir}/test is missing")
@@ -226,7 +217,7 @@ class CIFARDataModule(L.LightningDataModule):
             return
         if val_size >= len(full_train):
             raise UserError(f"--val_size {val_size} leaves no training images (the training set has {len(full_train)})")
-        train_idx, val_idx = stratified_split(full_train.labels, val_size, self.hparams.data_seed)
+        train_idx, val_idx = stratified_split(full_train.labels, val_size, self.config.seed)
         self.train_split, self.val_split = full_train.subset(train_idx), full_train.subset(val_idx)
 
     @property
@@ -271,7 +262,7 @@ class CIFARDataModule(L.LightningDataModule):
         if device is None:
             device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         on_gpu = device.type == "cuda"
-        resident = on_gpu and self.hparams.data_on_device
+        resident = on_gpu and self.config.data_on_device
         if resident:
             # CIFAR-10 is 150 MB as uint8: keep it on the GPU and index batches there, no host copies at all.
             key = (name, str(device))
@@ -279,17 +270,17 @@ class CIFARDataModule(L.LightningDataModule):
                 self._resident[key] = ImageSplit(split.images.to(device), split.labels.to(device), split.classes)
             split = self._resident[key]
         dataset = TensorImageDataset(split)
-        workers = 0 if resident else self.hparams.num_workers
+        workers = 0 if resident else self.config.num_workers
         common = {"num_workers": workers, "collate_fn": keep_batch, "pin_memory": on_gpu and not resident,
                   "persistent_workers": workers > 0}  # fmt: skip
         if train:
             # Training order comes from (seed, epoch); one process is simply a world of one.
-            batches = EpochBatchSampler(len(dataset), self.hparams.batch_size, world, rank, self.hparams.data_seed,
+            batches = EpochBatchSampler(len(dataset), self.config.batch_size, world, rank, self.config.seed,
                                         self._current_epoch, pin_memory=resident, as_lists=workers > 0)  # fmt: skip
             return TensorBatchLoader(dataset, batch_sampler=batches, **common)
         # Evaluation splits are not padded, so every image counts exactly once however many processes share them.
         sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
-        return TensorBatchLoader(dataset, batch_size=self.hparams.eval_batch_size, sampler=sampler, **common)
+        return TensorBatchLoader(dataset, batch_size=self.config.eval_batch_size, sampler=sampler, **common)
 
     def train_dataloader(self) -> DataLoader:
         return self.loader("train")
@@ -304,7 +295,7 @@ class CIFARDataModule(L.LightningDataModule):
 
     def augmentation_generator(self, epoch: int, rank: int = 0) -> torch.Generator:
         """The augmentation RNG of one epoch and process, derived from (seed, epoch, rank) alone."""
-        seed = (self.hparams.data_seed * 1_000_003 + epoch) * 4099 + rank
+        seed = (self.config.seed * 1_000_003 + epoch) * 4099 + rank
         return torch.Generator().manual_seed(seed % (2**63))
 
     def augment_batch(self, images: torch.Tensor, epoch: int, rank: int = 0) -> torch.Tensor:

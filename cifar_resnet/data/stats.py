@@ -37,7 +37,7 @@ def describe_data(datamodule: CIFARDataModule) -> str:
     columns = {
         name: class_counts(getattr(datamodule, f"{name}_split"), len(classes)) for name in ("train", "val", "test")
     }
-    if datamodule.hparams.val_size == 0:
+    if datamodule.config.val_size == 0:
         columns["val"] = None  # validation is the test split itself; counting it twice would mislead
     width = max(len("total"), *(len(c) for c in classes))
     header = f"{'class':<{width}}  {'train':>7}  {'val':>7}  {'test':>7}"
@@ -53,7 +53,7 @@ def describe_data(datamodule: CIFARDataModule) -> str:
         lines.append(f"{name:<{width}}  {cell('train', k)}  {cell('val', k)}  {cell('test', k)}")
     lines.append("-" * len(header))
     lines.append(f"{'total':<{width}}  {cell('train', None)}  {cell('val', None)}  {cell('test', None)}")
-    if datamodule.hparams.val_size == 0:
+    if datamodule.config.val_size == 0:
         lines.append("(--val_size 0: validation uses the test split)")
     mean, std = channel_mean_std(datamodule.train_split.images)
     lines += [

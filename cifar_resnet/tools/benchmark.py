@@ -25,12 +25,13 @@ import torchvision
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
+from cifar_resnet.config import TrainerConfig
 from cifar_resnet.data import CIFAR10_MEAN, CIFAR10_STD, CIFARDataModule
 from cifar_resnet.errors import UserError
 from cifar_resnet.models import create_model
 from cifar_resnet.training.module import ImageClassifier
 from cifar_resnet.training.schedule import LRSchedule
-from cifar_resnet.training.trainer import TrainerSettings, build_trainer
+from cifar_resnet.training.trainer import RunLabel, build_trainer
 
 
 @dataclass
@@ -162,20 +163,11 @@ def _fit_steps(
 ) -> None:
     """Train ``steps`` batches through our LightningModule and the Trainer of ``scripts/fit.py``."""
     model = ImageClassifier(arch=arch, num_classes=dm.num_classes, channels_last=channels_last,
-                            compile_model=compile_model)  # fmt: skip
+                            compile=compile_model)  # fmt: skip
     with tempfile.TemporaryDirectory() as log_dir:
-        settings = TrainerSettings(
-            arch=arch,
-            max_epochs=1,
-            log_dir=log_dir,
-            accelerator=device.type,
-            devices="1",
-            precision=precision,
-            limit_train_batches=steps,
-            limit_val_batches=0,
-            progress="none",
-        )
-        trainer, _ = build_trainer(settings)  # the callbacks and logger of scripts/fit.py
+        config = TrainerConfig(max_epochs=1, log_dir=log_dir, accelerator=device.type, devices=1, precision=precision,
+                               limit_train_batches=steps, limit_val_batches=0, progress="none")  # fmt: skip
+        trainer, _ = build_trainer(config, RunLabel(arch))  # the callbacks and logger of scripts/fit.py
         trainer.callbacks.append(callback)
         trainer.fit(model, datamodule=dm)
 
@@ -439,9 +431,9 @@ def epoch_overhead(
     gap = _EpochGap()
     with tempfile.TemporaryDirectory() as log_dir:
         model = ImageClassifier(arch=arch, num_classes=dm.num_classes, channels_last=channels_last)
-        settings = TrainerSettings(arch=arch, max_epochs=3, log_dir=log_dir, accelerator=device.type, devices="1",
-                                   precision=precision, limit_train_batches=steps, progress="lines")  # fmt: skip
-        trainer, _ = build_trainer(settings)
+        config = TrainerConfig(max_epochs=3, log_dir=log_dir, accelerator=device.type, devices=1,
+                               precision=precision, limit_train_batches=steps, progress="lines")  # fmt: skip
+        trainer, _ = build_trainer(config, RunLabel(arch))
         trainer.callbacks.append(gap)
         with contextlib.redirect_stdout(io.StringIO()):
             trainer.fit(model, datamodule=dm)

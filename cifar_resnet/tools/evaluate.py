@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassConfusionMatrix
 
+from cifar_resnet.config import upgrade_names
 from cifar_resnet.data.datamodule import CIFARDataModule
 from cifar_resnet.data.sources import ImageSplit
 from cifar_resnet.errors import UserError
@@ -91,14 +92,14 @@ def evaluate_split(trained: TrainedModel, split: ImageSplit, split_name: str, tt
 
 def load_eval_split(trained: TrainedModel, data_dir: str | None, split: str, cache_dir: str | None) -> ImageSplit:
     """The checkpoint's data (same source, validation size and seed), or ``data_dir`` instead."""
-    hp = trained.data_hparams
+    hp = upgrade_names(trained.data_hparams)
     data_dir = data_dir or hp.get("data_dir")
     if data_dir is None:
         raise UserError(f"--ckpt_path {trained.path} does not record its data; pass --data_dir")
     datamodule = CIFARDataModule(
         data_dir=data_dir,
         val_size=int(hp.get("val_size", 5000)),
-        data_seed=int(hp.get("data_seed", 0)),
+        seed=int(hp.get("seed", 0)),
         cache_dir=cache_dir,
     )
     if split == "test" and not datamodule.has_test_split:

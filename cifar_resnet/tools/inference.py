@@ -12,8 +12,7 @@ from torch import nn
 from torchvision.datasets.folder import find_classes
 
 from cifar_resnet.data.augment import Normalize
-from cifar_resnet.data.datamodule import CIFAR10_MEAN, CIFAR10_STD
-from cifar_resnet.data.sources import CIFAR10_CLASSES, detect_source
+from cifar_resnet.data.sources import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, detect_source
 from cifar_resnet.errors import UserError
 from cifar_resnet.models import create_model
 from cifar_resnet.training.runs import checkpoint_hparams, read_checkpoint

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,23 +62,23 @@ class AugmentationPreview(Callback):
         logger.experiment.add_image("train/augmented_samples", grid, global_step=trainer.global_step)
 
 
-class SaveRunArguments(Callback):
-    """Writes the resolved command-line arguments into the run folder (``args.json``; resumes add more)."""
+class SaveRunConfig(Callback):
+    """Writes the run's resolved options into its folder as ``config.yaml``, which replays the run with
+    ``--config``; a resumed run keeps the first file and adds ``config.resume1.yaml``, ... beside it."""
 
-    def __init__(self, arguments: dict[str, Any]) -> None:
-        self.arguments = arguments
+    def __init__(self, render: Callable[[L.Trainer], str]) -> None:
+        self.render = render
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or trainer.logger is None or trainer.logger.log_dir is None:
             return
         run_dir = Path(trainer.logger.log_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        target = run_dir / "args.json"
-        resume = 1
-        while target.exists():  # a resumed run keeps the first run's arguments and adds its own
-            target = run_dir / f"args.resume{resume}.json"
+        target, resume = run_dir / "config.yaml", 1
+        while target.exists():
+            target = run_dir / f"config.resume{resume}.yaml"
             resume += 1
-        target.write_text(json.dumps(self.arguments, indent=2, sort_keys=True) + "\n")
+        target.write_text(self.render(trainer))
 
 
 def format_duration(seconds: float) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from cifar_resnet.config import ModelConfig, as_dict, upgrade_names
 from cifar_resnet.models import create_model
 from cifar_resnet.training.schedule import LRSchedule
 from cifar_resnet.training.step import (
@@ -44,29 +46,19 @@ class ImageClassifier(L.LightningModule):
     # How the step is captured and replayed on CUDA; tests substitute a stand-in that replays eagerly.
     graph_backend: Callable[[], GraphBackend] = CUDAGraphBackend
 
-    def __init__(
-        self,
-        arch: str = "resnet18",
-        num_classes: int = 10,
-        lr: float = 0.1,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        nesterov: bool = False,
-        label_smoothing: float = 0.0,
-        warmup_epochs: float = 0.0,
-        no_bn_bias_decay: bool = False,
-        zero_init_residual: bool = False,
-        channels_last: bool = False,
-        compile_model: bool = False,
-        cuda_graphs: bool = True,
-        schedule: str = "cosine",
-        milestones: tuple[float, ...] = (0.5, 0.75),
-        gamma: float = 0.1,
-    ) -> None:
+    def __init__(self, config: ModelConfig | None = None, **options: Any) -> None:
+        """``ImageClassifier(arch="resnet56", lr=0.05)`` or ``ImageClassifier(ModelConfig(...))``: every option of
+        :class:`~cifar_resnet.config.ModelConfig` (defaults and checks there), given one way or the other."""
         super().__init__()
-        self.save_hyperparameters()
+        try:
+            config = dataclasses.replace(config or ModelConfig(), **upgrade_names(options))
+        except TypeError as err:  # an unknown keyword
+            raise TypeError(f"ImageClassifier: {err}; see cifar_resnet.config.ModelConfig") from None
+        self.config = config
+        self.save_hyperparameters(as_dict(config))  # plain values: checkpoints load with weights_only=True
         self.automatic_optimization = False
-        self.model = create_model(arch, num_classes=num_classes, zero_init_residual=zero_init_residual)
+        num_classes = config.num_classes
+        self.model = create_model(config.arch, num_classes=num_classes, zero_init_residual=config.zero_init_residual)
         top_k = min(5, num_classes)
         self.tally = TrainingTally(top_k=top_k)
         for stage in ("val", "test"):
@@ -90,9 +82,9 @@ class ImageClassifier(L.LightningModule):
 
     def configure_model(self) -> None:
         """Speed switches that change how, not what, the network computes."""
-        if self.hparams.channels_last:
+        if self.config.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        if self.hparams.compile_model and not getattr(self, "_compiled", False):
+        if self.config.compile and not getattr(self, "_compiled", False):
             # Module.compile compiles forward in place, so state-dict keys keep their plain names.
             self.model.compile()
             self._compiled = True
@@ -102,12 +94,12 @@ class ImageClassifier(L.LightningModule):
         weights = next(self.model.parameters())
         if x.dtype != weights.dtype:
             x = x.to(weights.dtype)
-        if self.hparams.channels_last:
+        if self.config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        return F.cross_entropy(logits, labels, label_smoothing=self.config.label_smoothing)
 
     # ------------------------------------------------------------------ training
 
@@ -143,7 +135,7 @@ class ImageClassifier(L.LightningModule):
 
     def _graphs_apply(self) -> tuple[bool, str]:
         """Whether this run replays its step as a CUDA graph, and why not when it does not."""
-        if not self.hparams.cuda_graphs:
+        if not self.config.cuda_graphs:
             return False, "--no-cuda_graphs"
         if self.device.type != "cuda" and self.graph_backend is CUDAGraphBackend:
             return False, f"training on {self.device.type}"
@@ -219,7 +211,7 @@ class ImageClassifier(L.LightningModule):
         self._graphed = None  # the graph's memory pool is freed; a later fit captures anew
 
     def _make_schedule(self) -> LRSchedule:
-        hp = self.hparams
+        hp = self.config
         return LRSchedule.for_run(
             hp.lr,
             int(self.trainer.estimated_stepping_batches),
@@ -281,8 +273,8 @@ class ImageClassifier(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
 
     def _param_groups(self) -> list[dict[str, Any]]:
-        decay = self.hparams.weight_decay
-        if not self.hparams.no_bn_bias_decay:
+        decay = self.config.weight_decay
+        if self.config.bn_bias_decay:
             return [{"params": [p for p in self.parameters() if p.requires_grad], "weight_decay": decay}]
         # Norm-layer weights and all biases are 1-D; decaying them only shrinks scales BN re-learns.
         with_decay = [p for p in self.parameters() if p.requires_grad and p.ndim > 1]
@@ -291,7 +283,7 @@ class ImageClassifier(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Fused SGD (one kernel for the whole update) reading its LR from a tensor on the model's device."""
-        hp = self.hparams
+        hp = self.config
         self._lr = torch.full((), hp.lr, dtype=torch.float32, device=self.device)
         return torch.optim.SGD(
             self._param_groups(),
@@ -304,7 +296,7 @@ class ImageClassifier(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The LR tensor belongs to this process; the checkpoint stores the next step's LR as a number, as an
         # optimizer driven by a torch scheduler would.
-        next_lr = self.lr_schedule(self.global_step) if self.lr_schedule is not None else self.hparams.lr
+        next_lr = self.lr_schedule(self.global_step) if self.lr_schedule is not None else self.config.lr
         for state in checkpoint.get("optimizer_states", []):
             for group in state.get("param_groups", []):
                 group["lr"] = next_lr

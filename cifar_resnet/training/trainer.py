@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-import warnings
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +16,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from cifar_resnet.config import TrainerConfig
 from cifar_resnet.errors import UserError
 from cifar_resnet.training.callbacks import (
     AugmentationPreview,
     EpochThroughput,
     LineProgress,
-    SaveRunArguments,
+    SaveRunConfig,
     StepMetricsBar,
 )
 from cifar_resnet.training.reliability import BackgroundCheckpointIO, DivergenceStop, GracefulInterrupt, RNGState
@@ -30,20 +30,6 @@ from cifar_resnet.training.reporting import ValidationReport
 from cifar_resnet.training.runs import RunLocation
 
 BEST_CHECKPOINT_PATTERN = "best-epoch{epoch:03d}-val_acc{val/acc:.4f}"
-
-
-class _DropAdverts(logging.Filter):
-    """Lightning prints a product tip at every Trainer start; it is noise in a training log."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip")
-
-
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
-# Lightning 2.6 calls a torch pytree check that newer torch deprecates; the user can do nothing about it.
-warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-# The training step is one manual optimizer step whose checkpoints are meant to hold the state after it.
-warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization and every_n_train_steps")
 
 
 def uses_cuda(accelerator: str) -> bool:
@@ -62,30 +48,6 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "32-true"
 
 
-@dataclass
-class TrainerSettings:
-    """What the Trainer needs from the command line."""
-
-    arch: str
-    max_epochs: int
-    log_dir: str = "lightning_logs"
-    accelerator: str = "auto"
-    devices: str = "auto"
-    strategy: str = "auto"
-    precision: str = "auto"
-    deterministic: bool = False
-    limit_train_batches: float | None = None
-    limit_val_batches: float | None = None
-    fast_dev_run: bool = False
-    progress: str = "auto"  # auto | bar | lines | none
-    log_every_n_steps: int = 50
-    confusion_every_n_epochs: int | None = None  # None: within a time budget
-    ckpt_every_n_steps: int | None = None
-    max_nonfinite_steps: int = 3
-    resume_location: RunLocation | None = None
-    run_arguments: dict[str, Any] = field(default_factory=dict)
-
-
 def _progress_callback(kind: str) -> Callback | None:
     if kind == "auto":
         kind = "bar" if sys.stdout.isatty() else "lines"
@@ -97,22 +59,26 @@ def _progress_callback(kind: str) -> Callback | None:
     return None
 
 
-def _parse_devices(devices: str) -> int | str | list[int]:
-    if devices == "auto":
-        return devices
-    try:
-        parsed: int | list[int] = [int(d) for d in devices.split(",") if d.strip()] if "," in devices else int(devices)
-    except ValueError as err:
-        raise UserError(f"--devices must be 'auto', a count or a comma list of ids, got {devices!r}") from err
-    if isinstance(parsed, int) and parsed < 1 and parsed != -1:
-        raise UserError(f"--devices must be a positive count, got {devices}")
-    return parsed
-
-
-def _check_devices(accelerator: str, devices: int | str | list[int]) -> None:
+def _check_devices(accelerator: str, devices: Any) -> None:
     """CPU "devices" are processes; more than the machine's cores is a mistake, not a speed-up."""
     if accelerator == "cpu" and isinstance(devices, int) and devices > (os.cpu_count() or 1):
         raise UserError(f"--devices {devices} on the CPU, but this machine has {os.cpu_count()} cores")
+
+
+class EpochNamedCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose file names count epochs from 1, as every line the scripts print does."""
+
+    def format_checkpoint_name(
+        self, metrics: dict[str, Any], filename: str | None = None, ver: int | None = None, prefix: str | None = None
+    ) -> str:
+        if "epoch" in metrics:
+            metrics = {**metrics, "epoch": metrics["epoch"] + 1}
+        return super().format_checkpoint_name(metrics, filename, ver, prefix)
+
+    @property
+    def state_key(self) -> str:
+        # Saved under ModelCheckpoint's key, so checkpoints from before this class keep their best record.
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
 
 
 @dataclass(frozen=True)
@@ -123,20 +89,29 @@ class Checkpoints:
     last: ModelCheckpoint
 
 
-def build_trainer(settings: TrainerSettings) -> tuple[L.Trainer, Checkpoints]:
+@dataclass(frozen=True)
+class RunLabel:
+    """Where a run's files go and what its ``config.yaml`` records besides the options."""
+
+    name: str  # the folder under --log_dir, the architecture
+    resume_location: RunLocation | None = None
+    run_config: Callable[[L.Trainer], str] | None = None  # the config.yaml text, once the trainer is built
+
+
+def build_trainer(config: TrainerConfig, label: RunLabel) -> tuple[L.Trainer, Checkpoints]:
     """A Trainer writing TensorBoard logs and checkpoints to ``log_dir/<arch>/version_N``.
 
     Resuming from a checkpoint inside such a folder reuses that folder, so curves continue in place.
     """
-    location = settings.resume_location
+    location = label.resume_location
     logger = TensorBoardLogger(
-        save_dir=str(location.save_dir) if location else settings.log_dir,
-        name=location.name if location else settings.arch,
+        save_dir=str(location.save_dir) if location else config.log_dir,
+        name=location.name if location else label.name,
         version=location.version if location else None,
         default_hp_metric=False,
     )
     checkpoints = Checkpoints(
-        best=ModelCheckpoint(
+        best=EpochNamedCheckpoint(
             filename=BEST_CHECKPOINT_PATTERN, monitor="val/acc", mode="max", save_top_k=1, auto_insert_metric_name=False
         ),
         # Since Lightning 2.6, save_last=True writes last.ckpt only when a top-k checkpoint is saved in the
@@ -148,51 +123,51 @@ def build_trainer(settings: TrainerSettings) -> tuple[L.Trainer, Checkpoints]:
         checkpoints.best,
         checkpoints.last,
         RNGState(),
-        DivergenceStop(settings.max_nonfinite_steps),
+        DivergenceStop(config.max_nonfinite_steps),
         GracefulInterrupt(checkpoints.last),
         EpochThroughput(),
         AugmentationPreview(),
-        SaveRunArguments(settings.run_arguments),
-        ValidationReport(settings.confusion_every_n_epochs),
+        ValidationReport(config.confusion_every_n_epochs),
     ]
-    if settings.ckpt_every_n_steps:
+    if label.run_config is not None:
+        callbacks.append(SaveRunConfig(label.run_config))
+    if config.ckpt_every_n_steps:
         # Mid-epoch saves rewrite the same last.ckpt (a ModelCheckpoint saves per step or per epoch, not both).
         callbacks.append(
             ModelCheckpoint(
-                filename="last", every_n_train_steps=settings.ckpt_every_n_steps, enable_version_counter=False
+                filename="last", every_n_train_steps=config.ckpt_every_n_steps, enable_version_counter=False
             )
         )
-    progress = _progress_callback(settings.progress)
+    progress = _progress_callback(config.progress)
     if progress is not None:
         callbacks.append(progress)
     plugins: list[Any] = [BackgroundCheckpointIO()]
     if SLURMEnvironment.detect():
         # Lightning saves an hpc checkpoint and requeues the job on SLURM's pre-emption signal.
         plugins.append(SLURMEnvironment(auto_requeue=True))
-    devices = _parse_devices(settings.devices)
-    _check_devices(settings.accelerator, devices)
-    precision = resolve_precision(settings.precision, settings.accelerator)
-    if uses_cuda(settings.accelerator):
-        torch.backends.cudnn.benchmark = not settings.deterministic
+    _check_devices(config.accelerator, config.devices)
+    precision = resolve_precision(config.precision, config.accelerator)
+    if uses_cuda(config.accelerator):
+        torch.backends.cudnn.benchmark = not config.deterministic
         torch.set_float32_matmul_precision("high")
     optional: dict[str, Any] = {}
-    if settings.limit_train_batches is not None:
-        optional["limit_train_batches"] = settings.limit_train_batches
-    if settings.limit_val_batches is not None:
-        optional["limit_val_batches"] = settings.limit_val_batches
+    if config.limit_train_batches is not None:
+        optional["limit_train_batches"] = config.limit_train_batches
+    if config.limit_val_batches is not None:
+        optional["limit_val_batches"] = config.limit_val_batches
     try:
         trainer = L.Trainer(
-            accelerator=settings.accelerator,
-            devices=devices,
-            strategy=settings.strategy,
+            accelerator=config.accelerator,
+            devices=config.devices,
+            strategy=config.strategy,
             precision=precision,
-            max_epochs=settings.max_epochs,
+            max_epochs=config.max_epochs,
             logger=logger,
             callbacks=callbacks,
-            deterministic=settings.deterministic,
-            fast_dev_run=settings.fast_dev_run,
+            deterministic=config.deterministic,
+            fast_dev_run=config.fast_dev_run,
             enable_progress_bar=progress is not None,
-            log_every_n_steps=settings.log_every_n_steps,
+            log_every_n_steps=config.log_every_n_steps,
             # The DataModule builds its own seeded samplers for every process count.
             use_distributed_sampler=False,
             enable_model_summary=False,
