@@ -142,21 +142,65 @@ def test_predict_resizes_any_image_and_returns_sorted_probabilities(trained: dic
     assert top1[0].classes == predictions[2].classes[:1]
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "state_dict"])
+@pytest.mark.parametrize("fmt", ["torchscript", "safetensors", "state_dict"])
 def test_export_reloads_without_lightning_and_matches(trained: dict[str, Path], tmp_path: Path, fmt: str) -> None:
     path, check = export_checkpoint(trained["ckpt"], fmt, tmp_path / f"model.{fmt}")
     assert check.startswith("verified")
-    inputs = torch.randn(3, 3, 32, 32)
+    images = torch.rand(3, 3, 32, 32)  # RGB in [0, 1]: exported models normalise their input themselves
     model, _ = _by_hand(trained["ckpt"], torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
     with torch.inference_mode():
-        expected = model(inputs)
-    assert torch.allclose(reload_outputs(fmt, path, inputs), expected, atol=1e-5)
+        expected = model(Normalize(CIFAR10_MEAN, CIFAR10_STD)(images))
+    assert torch.allclose(reload_outputs(fmt, path, images), expected, atol=1e-5)
     meta = json.loads(Path(f"{path}.json").read_text())
     assert meta["classes"] == ["class_0", "class_1", "class_2"] and meta["mean"] == pytest.approx(CIFAR10_MEAN)
     if fmt == "state_dict":
         saved = torch.load(path, weights_only=True)
         assert saved["arch"] == "resnet20" and saved["std"] == pytest.approx(CIFAR10_STD)
         assert not any(k.startswith(("model.", "module.", "_orig_mod.")) for k in saved["state_dict"])
+    if fmt == "safetensors":
+        from safetensors.torch import load_file
+
+        assert set(load_file(str(path))) == set(model.state_dict()), "the backbone's weights, plain keys"
+
+
+def test_export_never_replaces_the_checkpoint_or_a_file_without_overwrite(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    ckpt = trained["ckpt"]
+    before = ckpt.read_bytes()
+    with pytest.raises(UserError, match="is the checkpoint itself"):
+        export_checkpoint(ckpt, "state_dict", ckpt)
+    target = tmp_path / "model.pth"
+    target.write_text("keep me")
+    with pytest.raises(UserError, match=r"exists; pass --overwrite to replace it"):
+        export_checkpoint(ckpt, "state_dict", target)
+    assert target.read_text() == "keep me" and ckpt.read_bytes() == before
+    with pytest.raises(UserError, match="is a directory"):
+        export_checkpoint(ckpt, "state_dict", tmp_path)
+    path, _ = export_checkpoint(ckpt, "state_dict", target, overwrite=True)
+    assert torch.load(path, weights_only=True)["arch"] == "resnet20"
+
+
+def test_load_model_takes_images_in_0_1_and_matches_the_checkpoints_module(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    from cifar_resnet import ImageClassifier, load_model
+
+    images = torch.rand(4, 3, 32, 32)
+    module = ImageClassifier.load_from_checkpoint(trained["ckpt"], map_location="cpu", weights_only=True).eval()
+    with torch.inference_mode():
+        expected = module(Normalize(CIFAR10_MEAN, CIFAR10_STD)(images))  # the module wants normalised batches
+        from_checkpoint = load_model(trained["ckpt"])
+        assert isinstance(from_checkpoint, torch.nn.Module) and not from_checkpoint.training
+        assert torch.allclose(from_checkpoint(images), expected, atol=1e-5)
+        assert from_checkpoint.classes == ("class_0", "class_1", "class_2")
+        for fmt in ("torchscript", "safetensors"):
+            path, _ = export_checkpoint(trained["ckpt"], fmt, tmp_path / f"m.{fmt}")
+            assert torch.allclose(load_model(path)(images), expected, atol=1e-5), fmt
+    with pytest.raises(UserError, match=r"neither a checkpoint of fit\.py nor a file of export\.py"):
+        bogus = tmp_path / "bogus.pt"
+        torch.save({"weights": torch.zeros(1)}, bogus)
+        load_model(bogus)
 
 
 def test_export_onnx(trained: dict[str, Path], tmp_path: Path) -> None:

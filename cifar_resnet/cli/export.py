@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt_path", required=True, help="a checkpoint written by fit.py")
     p.add_argument("--format", required=True, choices=list(FORMATS), help="file format")
     p.add_argument("--out", default=None, help="output file (default: beside the checkpoint)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and its .json) if it exists")
     return p
 
 
@@ -26,8 +27,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def work() -> int:
-        path, check = export_checkpoint(args.ckpt_path, args.format, args.out)
-        print(f"wrote {path} ({args.format}) and {path}.json (classes, mean/std)")
+        path, check = export_checkpoint(args.ckpt_path, args.format, args.out, args.overwrite)
+        print(f"wrote {path} ({args.format}; input RGB in [0, 1]) and {path}.json (classes, mean/std)")
         print(check)
         return 0
 

@@ -282,6 +282,15 @@ class CIFARDataModule(L.LightningDataModule):
         sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
         return TensorBatchLoader(dataset, batch_size=self.config.eval_batch_size, sampler=sampler, **common)
 
+    def predict_dataloader(self) -> DataLoader:
+        """The test split where there is one, else the validation split (for ``trainer.predict``)."""
+        return self.loader("test" if self.test_split is not None else "val")
+
+    def normalization(self) -> dict[str, list[float]]:
+        """The per-channel mean and std batches are normalised with (stored in checkpoints for the tools)."""
+        return {"mean": [float(v) for v in self.normalize.mean.flatten()],
+                "std": [float(v) for v in self.normalize.std.flatten()]}  # fmt: skip
+
     def train_dataloader(self) -> DataLoader:
         return self.loader("train")
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import warnings
+import zipfile
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -9,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torchvision.datasets.folder import find_classes
 
 from cifar_resnet.data.augment import Normalize
@@ -28,20 +34,29 @@ def auto_device() -> torch.device:
 
 
 def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keys of the bare backbone: wrapper prefixes stripped, metric states dropped."""
+    """Keys of the bare backbone: wrapper prefixes stripped, metric states and other module state dropped."""
     lightning = any(k.startswith("model.") for k in state_dict)
-    out = {}
-    for key, value in state_dict.items():
-        if lightning and not key.startswith("model."):  # metric states, anything else the module owns
-            continue
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in _KEY_PREFIXES:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix) :], True
-        out[key] = value
-    return out
+    out = OrderedDict((k, v) for k, v in state_dict.items() if not lightning or k.startswith("model."))
+    for prefix in _KEY_PREFIXES:
+        consume_prefix_in_state_dict_if_present(out, prefix)
+    return dict(out)
+
+
+class NormalizedClassifier(nn.Module):
+    """A classifier of RGB images in [0, 1], ``(N, 3, 32, 32)``: it normalises them itself and returns logits.
+
+    ``classes`` names the outputs; ``mean`` and ``std`` are the normalisation the network was trained with.
+    """
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float], classes: Sequence[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.classes = tuple(classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model((images - self.mean) / self.std)
 
 
 def _class_names(checkpoint: dict[str, Any], data_hparams: dict[str, Any], num_classes: int) -> tuple[str, ...]:
@@ -76,6 +91,10 @@ class TrainedModel:
     @property
     def normalize(self) -> Normalize:
         return Normalize(self.mean, self.std)
+
+    def classifier(self) -> NormalizedClassifier:
+        """The backbone behind its normalisation: a model of images in [0, 1]."""
+        return NormalizedClassifier(self.model, self.mean, self.std, self.classes).eval()
 
     def to(self, device: torch.device) -> TrainedModel:
         self.model.to(device)
@@ -140,3 +159,58 @@ def predict_logits_and_probs(
         empty = torch.empty(0, trained.num_classes)
         return empty, empty.clone()
     return torch.cat(logits_out), torch.cat(probs_out)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """A trained model of RGB images in [0, 1] ``(N, 3, 32, 32)`` that returns logits, in eval mode.
+
+    ``path`` is a checkpoint written by ``scripts/fit.py``, or a file written by ``scripts/export.py``: a
+    state dict (``.pth``), safetensors, or TorchScript (returned as the scripted module). Except for
+    TorchScript, the result is a :class:`NormalizedClassifier` whose ``classes`` name the outputs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        return _from_safetensors(path).to(device)
+    if _is_torchscript(path):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch marks TorchScript as deprecated
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.load(str(path), map_location=device).eval()
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(saved, dict) and "hyper_parameters" in saved:
+        return load_trained_model(path).classifier().to(device)
+    if isinstance(saved, dict) and {"arch", "num_classes", "state_dict"} <= set(saved):
+        return _classifier(saved["arch"], saved["num_classes"], saved["state_dict"], saved, path).to(device)
+    raise UserError(f"{path} is neither a checkpoint of fit.py nor a file of export.py")
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
+
+
+def _classifier(arch: str, num_classes: int, state: dict[str, torch.Tensor], meta: dict[str, Any], path: Path
+                ) -> NormalizedClassifier:  # fmt: skip
+    model = create_model(arch, num_classes=int(num_classes))
+    try:
+        model.load_state_dict(clean_state_dict(state))
+    except RuntimeError as err:
+        raise UserError(f"{path}: weights do not fit {arch} ({str(err).splitlines()[0]})") from err
+    classes = meta.get("classes") or [f"class_{k}" for k in range(int(num_classes))]
+    return NormalizedClassifier(model, meta.get("mean", CIFAR10_MEAN), meta.get("std", CIFAR10_STD), classes).eval()
+
+
+def _from_safetensors(path: Path) -> NormalizedClassifier:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+    if "cifar_resnet" not in header:
+        raise UserError(f"{path}: a safetensors file without the metadata export.py writes (arch, classes)")
+    meta = json.loads(header["cifar_resnet"])
+    return _classifier(meta["arch"], meta["num_classes"], load_file(str(path)), meta, path)

@@ -1,15 +1,14 @@
-"""Matplotlib figures of results: confusion matrix, misclassified images, training curves (Agg backend)."""
+"""Matplotlib figures of results: confusion matrix, misclassified images, training curves.
+
+Figures are built with matplotlib's object API (no pyplot), so no backend is chosen or switched: importing
+this module leaves a notebook's plotting as it was, and files are written on machines without a display.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, never a window; safe on headless machines
-
-import matplotlib.pyplot as plt
 import torch
 from matplotlib.figure import Figure
 
@@ -21,7 +20,8 @@ def confusion_figure(matrix: torch.Tensor, classes: Sequence[str], title: str = 
     row_sums = counts.sum(dim=1, keepdim=True).clamp_min(1)
     recall = (counts.double() / row_sums).numpy()
     side = max(4.5, 0.6 * n + 2.5)
-    fig, ax = plt.subplots(figsize=(side + 1.0, side), layout="constrained")
+    fig = Figure(figsize=(side + 1.0, side), layout="constrained")
+    ax = fig.subplots()
     im = ax.imshow(recall, cmap="Blues", vmin=0.0, vmax=1.0)
     cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     cbar.set_label("fraction of the true class")
@@ -54,7 +54,8 @@ def misclassified_figure(
     count = images.shape[0]
     cols = max(1, min(columns, count))
     rows = max(1, -(-count // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.3 * rows + 0.6), squeeze=False, layout="constrained")
+    fig = Figure(figsize=(1.9 * cols, 2.3 * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k >= count:
@@ -69,7 +70,8 @@ def misclassified_figure(
 
 def curves_figure(series: dict[str, list[tuple[int, float]]], title: str, ylabel: str, xlabel: str = "step") -> Figure:
     """One line per tag against its step (points when a series is short)."""
-    fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.subplots()
     for tag, points in sorted(series.items()):
         steps = [s for s, _ in points]
         values = [v for _, v in points]
@@ -84,8 +86,7 @@ def curves_figure(series: dict[str, list[tuple[int, float]]], title: str, ylabel
 
 
 def save_figure(fig: Figure, path: Path, dpi: int = 120) -> Path:
-    """Write a PNG and free the figure."""
+    """Write a PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
-    plt.close(fig)
     return path

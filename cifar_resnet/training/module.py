@@ -11,7 +11,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
-from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics import MaxMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from cifar_resnet.config import ModelConfig, as_dict, upgrade_names
@@ -63,13 +63,13 @@ class ImageClassifier(L.LightningModule):
         self.tally = TrainingTally(top_k=top_k)
         for stage in ("val", "test"):
             # validate_args=False: the argument checks call torch.unique on the targets, a host sync per batch.
-            for name, k in (("acc", 1), ("acc_top5", top_k)):
-                metric = MulticlassAccuracy(num_classes, top_k=k, average="micro", validate_args=False)
-                setattr(self, f"{stage}_{name}", metric)
+            accuracy = {name: MulticlassAccuracy(num_classes, top_k=k, average="micro", validate_args=False)
+                        for name, k in (("acc", 1), ("acc_top5", top_k))}  # fmt: skip
+            setattr(self, f"{stage}_metrics", MetricCollection(accuracy, prefix=f"{stage}/"))
             # MeanMetric's NaN check would read a flag back every batch.
             setattr(self, f"{stage}_loss", MeanMetric(nan_strategy="disable"))
-        # Read, logged and reset once per validation by eval_callbacks.ValidationReport (no per-step sync).
         self.val_confusion = MulticlassConfusionMatrix(num_classes, validate_args=False)
+        self.val_confusion_matrix: torch.Tensor | None = None  # the last validation's, on the CPU
         self.val_acc_best = MaxMetric()
         # Metric states are not part of state_dict by default; the best accuracy must survive a resume.
         self.val_acc_best.persistent(True)
@@ -244,31 +244,38 @@ class ImageClassifier(L.LightningModule):
         images, labels = batch
         logits = self(images)
         getattr(self, f"{stage}_loss")(self._loss(logits, labels), weight=labels.numel())
-        getattr(self, f"{stage}_acc")(logits, labels)
-        getattr(self, f"{stage}_acc_top5")(logits, labels)
+        getattr(self, f"{stage}_metrics").update(logits, labels)
         if stage == "val":
             self.val_confusion.update(logits, labels)
 
     def _log_eval(self, stage: str) -> None:
         self.log(f"{stage}/loss", getattr(self, f"{stage}_loss"), prog_bar=stage == "val")
-        self.log(f"{stage}/acc", getattr(self, f"{stage}_acc"), prog_bar=stage == "val")
-        self.log(f"{stage}/acc_top5", getattr(self, f"{stage}_acc_top5"))
+        metrics = getattr(self, f"{stage}_metrics")
+        self.log(f"{stage}/acc", metrics["acc"], prog_bar=stage == "val")
+        self.log(f"{stage}/acc_top5", metrics["acc_top5"])
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
-        acc = self.val_acc.compute()
+        acc = self.val_metrics["acc"].compute()
         self._log_eval("val")
         if not self.trainer.sanity_checking:  # the sanity check's few batches are no accuracy to keep
             self.val_acc_best(acc)
             self.log("val/acc_best", self.val_acc_best.compute())
+            self.val_confusion_matrix = self.val_confusion.compute().cpu()
+        self.val_confusion.reset()
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
     def on_test_epoch_end(self) -> None:
         self._log_eval("test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Class probabilities of a batch (images, or (images, labels)), normalised as for evaluation."""
+        images = batch[0] if isinstance(batch, tuple | list) else batch
+        return torch.softmax(self(images).float(), dim=1)
 
     # ------------------------------------------------------------------ optimisation
 
@@ -296,6 +303,10 @@ class ImageClassifier(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The LR tensor belongs to this process; the checkpoint stores the next step's LR as a number, as an
         # optimizer driven by a torch scheduler would.
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is not None and getattr(datamodule, "train_split", None) is not None:
+            checkpoint["classes"] = list(datamodule.classes)  # what the outputs mean, for the tools
+            checkpoint["normalization"] = datamodule.normalization()
         next_lr = self.lr_schedule(self.global_step) if self.lr_schedule is not None else self.config.lr
         for state in checkpoint.get("optimizer_states", []):
             for group in state.get("param_groups", []):

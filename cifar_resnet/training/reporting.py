@@ -20,10 +20,10 @@ def _tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
 class ValidationReport(Callback):
     """Per validation: ``val/acc_class/<name>`` scalars and the confusion matrix as an image
     (``val/confusion_matrix``). At the end the hparams tab gets ``hp/best_val_acc`` and, after a test,
-    ``hp/test_acc``. Checkpoints also store the class names and the normalisation.
+    ``hp/test_acc``.
 
-    The module accumulates ``val_confusion`` on the device; it is computed (one sync) and reset here once
-    per validation. Drawing the figure takes a few hundred milliseconds, as long as a whole GPU epoch of a
+    The module computes the validation confusion matrix once per validation (one sync) and leaves it in
+    ``val_confusion_matrix``. Drawing the figure takes a few hundred milliseconds, as long as a whole GPU epoch of a
     small ResNet, so by default (``figure_every_n_epochs=None``) it is drawn only when the time since the
     last drawing is at least ``1 / figure_budget`` times what that drawing took: at most 2% of the run.
     On a CPU, where an epoch takes minutes, that is every epoch. It is always drawn after the last epoch.
@@ -54,41 +54,25 @@ class ValidationReport(Callback):
             classes = []
         return classes if len(classes) == num_classes else [f"class_{k}" for k in range(num_classes)]
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        metric = getattr(pl_module, "val_confusion", None)
-        if metric is None:
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After the module has computed (and reset) the epoch's confusion matrix: scalars and the figure."""
+        matrix = getattr(pl_module, "val_confusion_matrix", None)
+        if matrix is None or trainer.sanity_checking or not trainer.is_global_zero or trainer.logger is None:
             return
-        if trainer.sanity_checking or metric.update_count == 0:
-            metric.reset()
-            return
-        matrix = metric.compute().detach().cpu()
-        metric.reset()
+        pl_module.val_confusion_matrix = None
         classes = self._classes(trainer, matrix.shape[0])
         totals = matrix.sum(dim=1)
-        for k, name in enumerate(classes):
-            if totals[k] > 0:
-                pl_module.log(f"val/acc_class/{name}", float(matrix[k, k] / totals[k]), sync_dist=False)
+        per_class = {f"val/acc_class/{name}": float(matrix[k, k] / totals[k])
+                     for k, name in enumerate(classes) if totals[k] > 0}  # fmt: skip
+        trainer.logger.log_metrics(per_class, step=trainer.global_step)
         tensorboard = _tensorboard(trainer)
         epoch = trainer.current_epoch
         last_epoch = trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs
-        if tensorboard is None or not trainer.is_global_zero:
-            return
-        if self._figure_due(epoch, last_epoch):
+        if tensorboard is not None and self._figure_due(epoch, last_epoch):
             start = time.perf_counter()
-            figure = confusion_figure(matrix, classes, f"Validation confusion matrix, epoch {epoch}")
+            figure = confusion_figure(matrix, classes, f"Validation confusion matrix, epoch {epoch + 1}")
             tensorboard.experiment.add_figure("val/confusion_matrix", figure, global_step=trainer.global_step)
             self._last_drawn = (time.perf_counter(), time.perf_counter() - start)
-
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        datamodule = trainer.datamodule
-        num_classes = int(pl_module.hparams.get("num_classes", 0))
-        checkpoint["classes"] = self._classes(trainer, num_classes)
-        normalize = getattr(datamodule, "normalize", None)
-        if normalize is not None:
-            checkpoint["normalization"] = {
-                "mean": [float(v) for v in normalize.mean.flatten()],
-                "std": [float(v) for v in normalize.std.flatten()],
-            }
 
     def _log_hparams(self, trainer: L.Trainer, pl_module: L.LightningModule, metrics: dict[str, float]) -> None:
         tensorboard = _tensorboard(trainer)
