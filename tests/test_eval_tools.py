@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import os
@@ -91,7 +92,11 @@ def test_test_counts_every_image_and_matches_a_hand_evaluation(trained: dict[str
     rows = (out / "confusion_matrix.csv").read_text().splitlines()
     assert rows[0] == "true \\ predicted,class_0,class_1,class_2"
     assert sum(int(v) for row in rows[1:] for v in row.split(",")[1:]) == TEST_IMAGES
-    assert len((out / "predictions.csv").read_text().splitlines()) == TEST_IMAGES + 1
+    with open(out / "predictions.csv", newline="") as f:
+        predictions = list(csv.DictReader(f))
+    assert len(predictions) == TEST_IMAGES
+    assert [row["file"] for row in predictions] == list(split.sources), "each row names its image file"
+    assert Path(predictions[0]["file"]).is_file() and predictions[0]["true"] == "class_0"
 
 
 def test_default_report_folder_sits_beside_the_checkpoints(trained: dict[str, Path]) -> None:
@@ -218,11 +223,21 @@ def test_export_onnx(trained: dict[str, Path], tmp_path: Path) -> None:
 
 
 def test_plot_writes_curves_from_all_event_files(trained: dict[str, Path], tmp_path: Path) -> None:
-    written = plot_run(trained["run_dir"], tmp_path / "plots")
-    assert sorted(p.name for p in written) == ["accuracy.png", "loss.png", "lr.png"]
+    written, skipped = plot_run(trained["run_dir"], tmp_path / "plots")
+    assert sorted(p.name for p in written) == ["accuracy.png", "loss.png", "lr.png"] and skipped == []
     for path in written:
         with Image.open(path) as img:
             assert img.format == "PNG" and img.width > 300 and img.height > 200
+
+
+def test_a_run_shorter_than_the_logging_interval_still_gets_its_lr_curve(tiny_folder: Path, tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    args = fit_args(tiny_folder, logs, "--max_epochs", "2", "--no_test")
+    args[args.index("--log_every_n_steps") + 1] = "50"  # 3 steps an epoch: fewer than the interval
+    fit(*args)
+    written, skipped = plot_run(logs / "resnet20" / "version_0", tmp_path / "plots")
+    assert "lr.png" in [p.name for p in written] and skipped == []
+    assert [step for step, _ in scalars(logs / "resnet20" / "version_0")["train/lr"]] == [2, 5], "each epoch's end"
 
 
 def test_fit_logs_confusion_matrix_per_class_accuracy_and_final_hparams(trained: dict[str, Path]) -> None:

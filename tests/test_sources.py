@@ -102,8 +102,60 @@ def test_corrupt_image_is_named_in_a_user_error(tmp_path: Path) -> None:
 
 def test_folder_without_classes_is_a_user_error(tmp_path: Path) -> None:
     (tmp_path / "d" / "train").mkdir(parents=True)
-    with pytest.raises(UserError, match="image-folder layout"):
+    with pytest.raises(UserError, match="has no class folders"):
         load_image_folder(tmp_path / "d" / "train", cache_dir=None)
+
+
+def test_one_class_folder_an_empty_class_a_link_loop_and_a_broken_link_are_each_one_clear_error(
+    tmp_path: Path,
+) -> None:
+    root = make_image_folder(tmp_path / "one", classes=1)
+    with pytest.raises(UserError, match=r"has one class folder \(class_0\); a classifier needs two or more"):
+        load_image_folder(root / "train", cache_dir=None)
+
+    root = make_image_folder(tmp_path / "empty", classes=3)
+    (root / "train" / "class_3").mkdir()
+    with pytest.raises(UserError, match=r"no images .* in class folder class_3"):
+        load_image_folder(root / "train", cache_dir=None)
+
+    root = make_image_folder(tmp_path / "loop", classes=2)
+    (root / "train" / "class_1" / "again").symlink_to(root / "train" / "class_1")
+    with pytest.raises(UserError, match="is a symbolic link loop"):
+        load_image_folder(root / "train", cache_dir=None)
+
+    root = make_image_folder(tmp_path / "broken", classes=2)
+    (root / "train" / "class_0" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(UserError, match=r"gone\.png is a broken symbolic link .*; remove it or restore its target"):
+        load_image_folder(root / "train", cache_dir=None)
+
+
+def test_16_bit_grey_and_colour_images_and_palette_and_alpha_images_decode_to_their_8_bit_rgb(tmp_path: Path) -> None:
+    from cifar_resnet.data.images import decode_image
+
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    grey = decode_image(tmp_path / "grey16.png")
+    assert grey.dtype == torch.uint8 and grey.shape == (3, 32, 32)
+    expected = torch.from_numpy(np.rint(ramp / 257.0).astype(np.uint8))
+    assert torch.equal(grey[0], expected) and torch.equal(grey[1], grey[2]), "scaled, not clipped at 255"
+    assert 120 < float(grey.float().mean()) < 135, "a ramp averages mid-grey, not white"
+
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(rgb).convert("P").save(tmp_path / "palette.png")
+    Image.fromarray(np.dstack([rgb, np.full((32, 32), 7, np.uint8)])).save(tmp_path / "alpha.png")
+    assert torch.equal(decode_image(tmp_path / "alpha.png"), torch.from_numpy(rgb).permute(2, 0, 1))
+    with Image.open(tmp_path / "palette.png") as img:
+        palette_rgb = torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)
+    assert torch.equal(decode_image(tmp_path / "palette.png"), palette_rgb)
+
+
+def test_an_image_pil_refuses_as_too_large_is_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cifar_resnet.data.images import decode_image
+
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64x64 = 4096 pixels: over twice the limit
+    with pytest.raises(UserError, match=r"big\.png is too large to decode safely"):
+        decode_image(tmp_path / "big.png")
 
 
 def test_source_is_detected_from_the_layout(tmp_path: Path) -> None:

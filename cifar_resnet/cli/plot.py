@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 from cifar_resnet.cli.common import OneLineErrorParser, run_reporting_user_errors
@@ -25,8 +26,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def work() -> int:
-        for path in plot_run(args.run_dir, args.out):
+        written, skipped = plot_run(args.run_dir, args.out)
+        for path in written:
             print(path)
+        for note in skipped:
+            print(f"plot.py: {note}", file=sys.stderr)
         return 0
 
     return run_reporting_user_errors("plot.py", work)

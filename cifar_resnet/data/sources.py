@@ -17,14 +17,12 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image
-from torchvision.datasets import CIFAR10, ImageFolder
-from torchvision.transforms.v2 import functional as TF
+from torchvision.datasets import CIFAR10
 
+from cifar_resnet.data.images import IMAGE_SIZE, decode_image, list_image_folder, to_cifar_size
 from cifar_resnet.errors import UserError
 from cifar_resnet.fileio import atomic_torch_save
 
-IMAGE_SIZE = 32
 CIFAR10_CLASSES = (
     "airplane",
     "automobile",
@@ -41,7 +39,7 @@ CIFAR10_CLASSES = (
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 SourceKind = Literal["imagefolder", "cifar10"]
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: the file paths are cached too
 
 
 @dataclass(frozen=True)
@@ -51,19 +49,23 @@ class ImageSplit:
     images: torch.Tensor
     labels: torch.Tensor
     classes: tuple[str, ...]
+    sources: tuple[str, ...] | None = None  # where each image came from: a file path, or a batch file and index
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
             raise ValueError(f"images must be uint8 (N, 3, H, W), got {self.images.dtype} {self.images.shape}")
         if self.labels.shape != (self.images.shape[0],):
             raise ValueError("labels must have one entry per image")
+        if self.sources is not None and len(self.sources) != self.images.shape[0]:
+            raise ValueError("sources must have one entry per image")
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def subset(self, indices: torch.Tensor) -> ImageSplit:
         """The images at ``indices`` (a copy), with the same class names."""
-        return ImageSplit(self.images[indices].contiguous(), self.labels[indices].contiguous(), self.classes)
+        sources = tuple(self.sources[i] for i in indices.tolist()) if self.sources is not None else None
+        return ImageSplit(self.images[indices].contiguous(), self.labels[indices].contiguous(), self.classes, sources)
 
 
 def default_cache_dir() -> Path:
@@ -157,24 +159,13 @@ def load_cifar10(root: str | os.PathLike[str], train: bool) -> ImageSplit:
     if data.ndim != 4 or data.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3) or len(data) != len(labels):
         raise UserError(f"CIFAR-10 files in {root} have an unexpected shape {data.shape}; download them again")
     images = torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
-    return ImageSplit(images, labels, tuple(ds.classes))
+    split = "train" if train else "test"
+    sources = tuple(f"{Path(root) / CIFAR10.base_folder}:{split}#{i}" for i in range(len(labels)))
+    return ImageSplit(images, labels, tuple(ds.classes), sources)
 
 
 # --------------------------------------------------------------------------------------------------
 # Image folders
-
-
-def _list_image_folder(split_dir: Path) -> tuple[list[tuple[str, int]], list[str]]:
-    """Files and class names of ``split_dir/<class>/*`` via torchvision's ImageFolder rules."""
-    if not split_dir.is_dir():
-        raise UserError(f"{split_dir} is not a directory; expected {split_dir}/<class>/<image>.png|jpg")
-    try:
-        folder = ImageFolder(str(split_dir))
-    except (FileNotFoundError, RuntimeError) as err:
-        raise UserError(
-            f"{split_dir} does not hold an image-folder layout ({err}); expected {split_dir}/<class>/<image>.png|jpg"
-        ) from err
-    return folder.samples, folder.classes
 
 
 def _cache_key(split_dir: Path, samples: list[tuple[str, int]], classes: list[str]) -> str:
@@ -186,26 +177,18 @@ def _cache_key(split_dir: Path, samples: list[tuple[str, int]], classes: list[st
     return digest.hexdigest()[:24]
 
 
-def _decode_one(path: str) -> torch.Tensor:
-    """One image file to uint8 (3, H, W) RGB."""
-    try:
-        with Image.open(path) as img:
-            pixels = np.asarray(img.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as err:  # PIL's ways of saying "not an image I can read"
-        raise UserError(f"cannot decode image {path} ({err}); remove or replace that file") from err
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
-
-
 def _decode_files(paths: list[str]) -> list[torch.Tensor]:
     """Decode images in threads (PIL releases the GIL while it decodes)."""
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return list(pool.map(_decode_one, paths, chunksize=256))
+        return list(pool.map(decode_image, paths, chunksize=256))
 
 
 def _to_cifar_size(images: list[torch.Tensor], paths: list[str]) -> torch.Tensor:
-    resized = [i for i, img in enumerate(images) if img.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE)]
-    for i in resized:
-        images[i] = TF.resize(images[i], [IMAGE_SIZE, IMAGE_SIZE], antialias=True)
+    resized = []
+    for i, image in enumerate(images):
+        images[i], _ = to_cifar_size(image)
+        if image.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+            resized.append(i)
     if resized:
         warnings.warn(
             f"{len(resized)} of {len(paths)} images are not {IMAGE_SIZE}x{IMAGE_SIZE} and were resized "
@@ -218,22 +201,24 @@ def _to_cifar_size(images: list[torch.Tensor], paths: list[str]) -> torch.Tensor
 def load_image_folder(split_dir: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None) -> ImageSplit:
     """Decode ``split_dir/<class>/*`` into an :class:`ImageSplit`, through a cache when ``cache_dir`` is set."""
     split_dir = Path(split_dir)
-    samples, classes = _list_image_folder(split_dir)
+    samples, classes = list_image_folder(split_dir)
     cache_file = None
     if cache_dir is not None:
         cache_file = Path(cache_dir) / f"imagefolder-{split_dir.name}-{_cache_key(split_dir, samples, classes)}.pt"
         if cache_file.is_file():
             try:
                 cached = torch.load(cache_file, map_location="cpu", weights_only=True)
-                return ImageSplit(cached["images"], cached["labels"], tuple(cached["classes"]))
+                return ImageSplit(cached["images"], cached["labels"], tuple(cached["classes"]), tuple(cached["paths"]))
             except Exception:  # a damaged cache is only a lost shortcut: decode again and rewrite it
                 cache_file.unlink(missing_ok=True)
     paths = [p for p, _ in samples]
     images = _to_cifar_size(_decode_files(paths), paths)
-    split = ImageSplit(images, torch.tensor([label for _, label in samples], dtype=torch.int64), tuple(classes))
+    labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+    split = ImageSplit(images, labels, tuple(classes), tuple(paths))
     if cache_file is not None:
         try:
-            atomic_torch_save({"images": split.images, "labels": split.labels, "classes": list(classes)}, cache_file)
+            atomic_torch_save({"images": split.images, "labels": split.labels, "classes": list(classes),
+                               "paths": paths}, cache_file)  # fmt: skip
         except OSError as err:
             warnings.warn(f"could not write the decoded-image cache {cache_file}: {err}", stacklevel=2)
     return split

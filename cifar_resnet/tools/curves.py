@@ -34,17 +34,22 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
-    """Write loss.png, accuracy.png and lr.png into ``out`` (default ``run_dir/plots``); returns the files."""
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> tuple[list[Path], list[str]]:
+    """Write loss.png, accuracy.png and lr.png into ``out`` (default ``run_dir/plots``).
+
+    Returns the files written and, for each one not written, a line saying why.
+    """
     run_dir = Path(run_dir)
     series = read_scalars(run_dir)
     out_dir = Path(out) if out else run_dir / "plots"
-    written = []
+    written, skipped = [], []
     for name, title, ylabel, tags in PANELS:
         present = {tag: series[tag] for tag in tags if tag in series}
         if present:
             figure = curves_figure(present, f"{title} ({run_dir.parent.name}/{run_dir.name})", ylabel, "optimizer step")
             written.append(save_figure(figure, out_dir / name))
+        else:
+            skipped.append(f"{name} not written: the run logged none of {', '.join(tags)}")
     if not written:
         raise UserError(f"{run_dir} has none of the tags {', '.join(t for p in PANELS for t in p[3])}")
-    return written
+    return written, skipped

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,7 +125,9 @@ def default_out_dir(ckpt_path: Path, split: str, tta: bool) -> Path:
     return ckpt_path.resolve().parent.parent / name
 
 
-def write_report(result: Evaluation, images: torch.Tensor, out: Path, worst: int = 32) -> list[Path]:
+def write_report(
+    result: Evaluation, images: torch.Tensor, out: Path, worst: int = 32, sources: Sequence[str] | None = None
+) -> list[Path]:
     """metrics.json, per_class.csv, confusion_matrix.{csv,png}, predictions.csv and misclassified.png."""
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "metrics.json"]
@@ -143,11 +146,12 @@ def write_report(result: Evaluation, images: torch.Tensor, out: Path, worst: int
     confidence, predicted = result.probs.max(dim=1)
     with open(out / "predictions.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["index", "true", "predicted", "confidence", "correct"])
-        for i, (t, p, conf) in enumerate(
-            zip(result.labels.tolist(), predicted.tolist(), confidence.tolist(), strict=True)
+        writer.writerow(["index", "file", "true", "predicted", "confidence", "correct"])
+        files = sources if sources is not None else [""] * len(result.labels)
+        for i, (file, t, p, conf) in enumerate(
+            zip(files, result.labels.tolist(), predicted.tolist(), confidence.tolist(), strict=True)
         ):
-            writer.writerow([i, result.classes[t], result.classes[p], f"{conf:.6f}", int(t == p)])
+            writer.writerow([i, file, result.classes[t], result.classes[p], f"{conf:.6f}", int(t == p)])
     written += [out / "per_class.csv", out / "confusion_matrix.csv", out / "predictions.csv"]
 
     split_name = f"{result.split} split" + (", flip TTA" if result.tta else "")
@@ -208,6 +212,6 @@ def evaluate_checkpoint(
     chosen = load_eval_split(trained, data_dir, split, cache_dir)
     result = evaluate_split(trained, chosen, split, tta, max(1, batch_size))
     folder = Path(out) if out else default_out_dir(ckpt, split, tta)
-    write_report(result, chosen.images, folder)
+    write_report(result, chosen.images, folder, sources=chosen.sources)
     (folder / "report.txt").write_text(format_report(result, ckpt) + "\n")
     return result, folder

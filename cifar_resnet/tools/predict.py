@@ -6,13 +6,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
-from torchvision.transforms.v2 import functional as TF
 
-from cifar_resnet.data.sources import IMAGE_SIZE
+from cifar_resnet.data.images import decode_image, to_cifar_size
 from cifar_resnet.errors import UserError
 from cifar_resnet.tools.inference import auto_device, load_trained_model, predict_logits_and_probs
 
@@ -42,21 +39,6 @@ def find_images(inputs: Sequence[str]) -> list[Path]:
     return found
 
 
-def load_image(path: Path) -> tuple[torch.Tensor, bool]:
-    """A file as uint8 ``(3, 32, 32)`` RGB (antialiased resize), and whether that was a lossy downscale."""
-    try:
-        with Image.open(path) as img:
-            pixels = np.asarray(img.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as err:  # PIL's ways of saying "not an image I can read"
-        raise UserError(f"cannot decode image {path} ({err})") from err
-    image = torch.from_numpy(pixels.copy()).permute(2, 0, 1)
-    h, w = image.shape[1:]
-    if (h, w) == (IMAGE_SIZE, IMAGE_SIZE):
-        return image, False
-    resized = TF.resize(image, [IMAGE_SIZE, IMAGE_SIZE], antialias=True)
-    return resized, h > IMAGE_SIZE or w > IMAGE_SIZE
-
-
 def predict_files(
     ckpt_path: str | Path, inputs: Sequence[str], topk: int = 3, batch_size: int = 256
 ) -> tuple[list[Prediction], list[Path]]:
@@ -68,7 +50,7 @@ def predict_files(
     downscaled: list[Path] = []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
-        loaded = [load_image(p) for p in chunk]
+        loaded = [to_cifar_size(decode_image(p)) for p in chunk]
         downscaled += [p for p, (_, lossy) in zip(chunk, loaded, strict=True) if lossy]
         _, probs = predict_logits_and_probs(trained, torch.stack([img for img, _ in loaded]), batch_size=batch_size)
         top = probs.topk(k, dim=1)

@@ -180,7 +180,13 @@ class LineProgress(ProgressBar):
 
 
 class StepMetricsBar(TQDMProgressBar):
-    """Lightning's tqdm bar, showing the last logged step loss and LR (host values: reading them costs nothing)."""
+    """Lightning's tqdm bar, with epochs counted from 1 (``Epoch 3/200``) and the last logged step loss (a host
+    value: showing it costs no device read)."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        super().on_train_epoch_start(trainer)
+        epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else "?"
+        self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch + 1}/{epochs}")
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)

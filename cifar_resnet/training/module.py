@@ -165,7 +165,7 @@ class ImageClassifier(L.LightningModule):
         else:
             lightning_optimizer = self.optimizers()
             self._step(images, labels, self.manual_backward, lightning_optimizer.step)
-        self._log_step_scalars(step, lr)
+        self._log_step_scalars(step, lr, last_of_epoch=batch_idx + 1 == self.trainer.num_training_batches)
 
     def _set_lr(self, step: int) -> float:
         assert self.lr_schedule is not None and self._lr is not None
@@ -173,9 +173,10 @@ class ImageClassifier(L.LightningModule):
         self._lr.fill_(lr)  # a kernel argument, not a copy: no host-device sync
         return lr
 
-    def _log_step_scalars(self, step: int, lr: float) -> None:
-        """Every ``log_every_n_steps`` steps: the step's loss (one read from the device) and LR, to the loggers."""
-        if (step + 1) % max(1, self.trainer.log_every_n_steps):
+    def _log_step_scalars(self, step: int, lr: float, last_of_epoch: bool) -> None:
+        """Every ``log_every_n_steps`` steps and at each epoch's end: the step's loss (one read from the device)
+        and LR, to the loggers."""
+        if (step + 1) % max(1, self.trainer.log_every_n_steps) and not last_of_epoch:
             return
         self.step_metrics = {"train/loss_step": float(self._last_loss.detach().float()), "train/lr": lr}
         for logger in self.loggers:
