@@ -86,9 +86,11 @@ def test_precision_auto_picks_bf16_on_gpus_that_have_it_and_refuses_it_where_the
     with pytest.raises(UserError, match="this GPU has no bf16; use 16-mixed or 32-true"):
         resolve_precision("bf16-mixed", "cuda")
     assert resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"  # the CPU runs bf16 autocast
+    with pytest.raises(UserError, match="--precision 16-mixed needs a CUDA GPU; on the CPU use bf16-mixed or 32-true"):
+        resolve_precision("16-mixed", "cpu")
 
 
-@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed", "bf16-true", "64-true"])
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true", "64-true"])
 def test_every_cpu_precision_trains_and_evaluates(precision: str, tiny_folder: Path, tmp_path: Path) -> None:
     from tests.test_fit import fit, fit_args
 

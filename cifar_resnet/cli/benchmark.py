@@ -6,6 +6,7 @@ import argparse
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,9 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from cifar_resnet import tables
 from cifar_resnet.cli.common import OneLineErrorParser, run_reporting_user_errors
+from cifar_resnet.cli.quiet import quiet_lightning
 from cifar_resnet.data import CIFARDataModule
 from cifar_resnet.errors import UserError
 from cifar_resnet.models import list_models
@@ -256,9 +259,9 @@ def run(args: argparse.Namespace) -> list[Figure]:
 
 
 def format_table(figures: list[Figure]) -> str:
-    rows = ["| figure | value | unit |", "| --- | ---: | --- |"]
-    rows += [f"| {f.name} | {f.value:,.2f} | {f.unit} |" for f in figures]
-    return "\n".join(rows)
+    """The figures as a Markdown table, as docs/BENCHMARKS.md shows them."""
+    return tables.format_table(("figure", "value", "unit"), [(f.name, f"{f.value:,.2f}", f.unit) for f in figures],
+                               markdown=True)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -266,7 +269,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def work() -> int:
-        figures = run(args)
+        with quiet_lightning(), warnings.catch_warnings():
+            # The timed fits skip validation on purpose, so there is no val/acc to select a best checkpoint on.
+            warnings.filterwarnings("ignore", message=r"`ModelCheckpoint\(monitor='val/acc'\)` could not find")
+            figures = run(args)
         print()
         print(format_table(figures))
         return 0

@@ -35,7 +35,7 @@ def decode_image(path: str | os.PathLike[str]) -> torch.Tensor:
         raise UserError(f"{path} is too large to decode safely ({err}); shrink or remove that image") from err
     except (OSError, SyntaxError, ValueError) as err:  # PIL's ways of saying "not an image I can read"
         raise UserError(f"cannot decode image {path} ({err}); remove or replace that file") from err
-    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
+    return torch.from_numpy(np.array(pixels, dtype=np.uint8, copy=True)).permute(2, 0, 1)
 
 
 def _deep_to_uint8(pixels: np.ndarray, mode: str) -> np.ndarray:

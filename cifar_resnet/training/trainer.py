@@ -41,6 +41,9 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     """``auto``: bf16-mixed on GPUs that have bf16, 16-mixed on older CUDA GPUs, 32-true on the CPU."""
     if precision.startswith("bf16") and uses_cuda(accelerator) and not torch.cuda.is_bf16_supported():
         raise UserError(f"--precision {precision}: this GPU has no bf16; use 16-mixed or 32-true")
+    if precision == "16-mixed" and not uses_cuda(accelerator):
+        # Lightning would quietly switch to bf16-mixed: say so instead of training in another precision.
+        raise UserError("--precision 16-mixed needs a CUDA GPU; on the CPU use bf16-mixed or 32-true")
     if precision != "auto":
         return precision
     if uses_cuda(accelerator):
