@@ -208,6 +208,7 @@ def test_load_model_takes_images_in_0_1_and_matches_the_checkpoints_module(
         load_model(bogus)
 
 
+@pytest.mark.slow
 def test_export_onnx(trained: dict[str, Path], tmp_path: Path) -> None:
     if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxscript") is None:
         with pytest.raises(UserError, match=r"pip install -e \.\[onnx\]") as err:
@@ -267,6 +268,7 @@ def test_describe_data_prints_counts_that_add_up(trained: dict[str, Path], capsy
     assert any(line.strip().startswith("mean") for line in lines) and not logs.exists(), "nothing trained"
 
 
+@pytest.mark.slow
 def test_scripts_report_a_missing_checkpoint_on_one_line(tmp_path: Path) -> None:
     missing = str(tmp_path / "missing.ckpt")
     commands = {

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import real_cifar_subset
 from tests.test_fit import fit
 
@@ -9,6 +11,7 @@ from tests.test_fit import fit
 MIN_VAL_ACC = 0.25
 
 
+@pytest.mark.slow
 def test_resnet20_learns_real_cifar10_subset(tmp_path: Path) -> None:
     data = real_cifar_subset(tmp_path / "cifar", per_class=150, seed=0)
     result = fit(

@@ -68,6 +68,7 @@ def _assert_same_training_state(a: dict, b: dict) -> None:
 # ---------------------------------------------------------------------------------------------- 1 and 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_sigkill_after_an_epoch_then_resume_is_bitwise_identical(workers: str, tiny_folder: Path, tmp_path: Path):
     common = ("--max_epochs", "3", "--no_test", "--seed", "5", "--num_workers", workers)
@@ -89,6 +90,7 @@ def test_sigkill_after_an_epoch_then_resume_is_bitwise_identical(workers: str, t
     assert killed_at["callbacks"]["RNGState"]["torch"].dtype == torch.uint8, "RNG state travels in the checkpoint"
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_resumes_to_the_same_step_and_epoch(tiny_folder: Path, tmp_path: Path):
     common = ("--max_epochs", "3", "--no_test", "--ckpt_every_n_steps", "1")
     logs = tmp_path / "logs"
@@ -112,6 +114,7 @@ def test_sigkill_mid_epoch_resumes_to_the_same_step_and_epoch(tiny_folder: Path,
 # ---------------------------------------------------------------------------------------------- 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_sigterm_and_ctrl_c_save_print_how_to_resume_and_exit_non_zero(
     signum: int, code: int, tiny_folder: Path, tmp_path: Path
@@ -387,6 +390,7 @@ with open(os.environ["PREPARE_TRACE"], "a") as f:
 """
 
 
+@pytest.mark.slow
 def test_two_process_ddp_trains_validates_like_one_process_and_resumes_on_one(tiny_folder: Path, tmp_path: Path):
     import lightning as L
 

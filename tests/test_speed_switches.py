@@ -38,6 +38,7 @@ def test_channels_last_gives_the_same_gradients() -> None:
         assert torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-5), name
 
 
+@pytest.mark.slow
 def test_compiled_model_trains_one_step_on_the_cpu(tiny_folder: Path, tmp_path: Path) -> None:
     dm = CIFARDataModule(data_dir=str(tiny_folder), batch_size=8, val_size=6, cache_dir=str(tmp_path / "c"))
     model = ImageClassifier(arch="resnet20", num_classes=3, compile=True)
