@@ -277,7 +277,8 @@ class DataConfig(_Options):
     """Where images come from, the split and the batches: what :class:`~cifar_resnet.data.CIFARDataModule` takes."""
 
     data_dir: str = option("./data", "DIR/train/<class>/*.png|jpg (optional DIR/test/...), or torchvision's "
-                           "CIFAR-10 in DIR (downloaded into ./data only)", DATA, check=a_path)  # fmt: skip
+                           "CIFAR-10 in DIR (downloaded into ./data only)", DATA, check=a_path,
+                           on_resume="free")  # fmt: skip  # a moved folder; its contents are checked on resume
     val_size: int = option(5000, "training images held out for validation (stratified); 0 validates on the "
                            "test split", DATA, check=non_negative_int)  # fmt: skip
     seed: int = option(0, "seeds the weights, the split, the data order and the augmentation", DATA, check=any_int)
@@ -345,8 +346,10 @@ class TrainerConfig(_Options):
 class RunConfig(_Options):
     """What ``scripts/fit.py`` does around training."""
 
-    ckpt_path: str | None = option(None, "resume: a checkpoint path, or 'last' for the newest last.ckpt of --arch",
-                                   RELIABILITY, check=optional(a_path), on_resume="free")  # fmt: skip
+    ckpt_path: str | None = option(
+        None, "continue a run: its checkpoint; last: the newest last.ckpt under --log_dir (of --arch when given); "
+        "auto: the same, or a new run when there is none (for batch scripts that are requeued)", RELIABILITY,
+        check=optional(a_path), on_resume="free")  # fmt: skip
     test: bool = option(True, "evaluate the best checkpoint on the test split at the end", OUTPUT, check=switch,
                         on_resume="free")  # fmt: skip
     describe_data: bool = option(False, "print per-class counts of each split and the training mean/std, then exit",

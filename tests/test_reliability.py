@@ -133,7 +133,7 @@ def test_sigterm_and_ctrl_c_save_print_how_to_resume_and_exit_non_zero(
     assert proc.returncode == code, err
     assert "Traceback" not in err
     name = signal.Signals(signum).name
-    assert f"fit.py: stopped by {name}, checkpoint written; resume with: python scripts/fit.py --arch resnet20 " \
+    assert f"fit.py: stopped by {name} during training, checkpoint written; resume with: python scripts/fit.py " \
            f"--ckpt_path {last}" in err  # fmt: skip
     saved = _load(last)
     assert 2 <= saved["global_step"] < 150
@@ -264,7 +264,7 @@ def test_config_drift_and_finished_runs(tiny_folder: Path, tmp_path: Path, capsy
 
     assert cli.main(fit_args(tiny_folder, logs, "--max_epochs", "1", "--ckpt_path", str(last))) == 0
     out = capsys.readouterr().out
-    assert "has already trained 1 epochs (--max_epochs 1): the run is finished, nothing to do" in out
+    assert "the run is finished: 1 epoch trained of --max_epochs 1; nothing to do" in out
     assert sorted((p.name, p.stat().st_mtime_ns) for p in last.parent.iterdir()) == before
 
     four_classes = make_image_folder(tmp_path / "four", classes=4)
@@ -319,7 +319,7 @@ def _bad_inputs(tmp_path: Path, data: Path, ckpt: Path) -> list[tuple[list[str],
         (["--ckpt_path", str(text)], f"--ckpt_path {text} is not a loadable checkpoint"),
         (["--ckpt_path", str(truncated)], f"--ckpt_path {truncated} is not a loadable checkpoint"),
         (["--ckpt_path", str(evil)], f"--ckpt_path {evil} is not a loadable checkpoint"),
-        (["--arch", "resnet32", "--ckpt_path", str(ckpt)], "was trained with --arch resnet20, not resnet32"),
+        (["--arch", "resnet32", "--ckpt_path", str(ckpt)], "would change what it learns: --arch resnet32 (the run's"),
         (["--accelerator", "gpu"], "cannot run on this machine"),
         (["--accelerator", "cpu", "--devices", "512"], "--devices 512 on the CPU, but this machine has"),
         (["--devices", "0"], "--devices must be auto, a positive count, -1, or a list of device ids, got 0"),
@@ -424,9 +424,10 @@ def test_two_process_ddp_trains_validates_like_one_process_and_resumes_on_one(ti
     single = trainer.validate(model, datamodule=data, verbose=False)[0]["val/acc"]
     assert float(single) == pytest.approx(float(ddp_acc), abs=1e-6)
 
-    # The DDP checkpoint resumes on one process (2 processes x 1 step an epoch, then 3 steps an epoch).
+    # The DDP checkpoint resumes on one process when asked to (2 processes x 1 step an epoch, then 3 steps an
+    # epoch); without --devices and --strategy it would continue as it was started, on two.
     args[args.index("--max_epochs") + 1] = "2"
-    fit(*args, "--ckpt_path", str(last))
+    fit(*args, "--ckpt_path", str(last), "--devices", "1", "--strategy", "auto")
     resumed = _load(last)
     assert (resumed["epoch"], resumed["global_step"]) == (1, ckpt["global_step"] + 3)
 

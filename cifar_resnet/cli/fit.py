@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shutil
+import signal
 import sys
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,14 +25,9 @@ from cifar_resnet.data.sources import check_data_dir
 from cifar_resnet.data.stats import describe_data
 from cifar_resnet.errors import UserError
 from cifar_resnet.training.module import ImageClassifier
-from cifar_resnet.training.reliability import TrainingInterruptedError, sigterm_stop
-from cifar_resnet.training.runs import (
-    checkpoint_hparams,
-    completed_epochs,
-    find_last_checkpoint,
-    read_checkpoint,
-    run_location_of,
-)
+from cifar_resnet.training.reliability import StopSignals, TrainingInterruptedError, sigterm_stop
+from cifar_resnet.training.resume import ResumePlan, plan_resume
+from cifar_resnet.training.runs import RunLocation, claim_run_folder, run_location_of, run_lock
 from cifar_resnet.training.trainer import RunLabel, build_trainer, run_dir
 
 DEFAULT_DATA_DIR = DataConfig().data_dir
@@ -42,31 +40,6 @@ def absolute_paths(config: FitConfig) -> FitConfig:
                    cache_dir=str(Path(data.cache_dir).expanduser().resolve()) if data.cache_dir else None)  # fmt: skip
     trainer = replace(config.trainer, log_dir=str(Path(config.trainer.log_dir).expanduser().resolve()))
     return replace(config, data=data, trainer=trainer)
-
-
-def _resolve_resume(config: FitConfig) -> tuple[Path | None, dict[str, Any]]:
-    """The checkpoint to resume from (``last`` resolved) and its stored hyperparameters; checks the arch.
-
-    ``hparams["_epochs_done"]`` is the number of epochs the checkpoint has fully trained.
-    """
-    if config.run.ckpt_path is None:
-        return None, {}
-    arch = config.model.arch
-    path = (
-        find_last_checkpoint(config.trainer.log_dir, arch)
-        if config.run.ckpt_path == "last"
-        else Path(config.run.ckpt_path)
-    )
-    checkpoint = read_checkpoint(path)
-    hparams = checkpoint_hparams(checkpoint)
-    hparams["_epochs_done"] = completed_epochs(checkpoint)
-    stored_arch = hparams.get("arch")
-    if stored_arch is not None and stored_arch != arch:
-        raise UserError(
-            f"--ckpt_path {path} was trained with --arch {stored_arch}, not {arch}; pass --arch {stored_arch} to "
-            "resume it"
-        )
-    return path, hparams
 
 
 def _best_epoch(best_path: str) -> int | None:
@@ -88,18 +61,50 @@ def run_fit(config: FitConfig, explicit: Collection[str] = (), command: Sequence
         return _fit(config, explicit, list(command) if command is not None else ["fit.py"])
 
 
+RUN_FOLDER_ENV = "CIFAR_RESNET_RUN_FOLDER"  # the run folder rank 0 claimed, for processes Lightning launches
+
+
+def launched_as_rank_zero() -> bool:
+    """Whether this process is the first of its run (torchrun, SLURM and Lightning's launcher set these)."""
+    for variable in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if variable in os.environ:
+            return int(os.environ[variable]) == 0
+    return True
+
+
+def _run_folder(config: FitConfig, plan: ResumePlan, rank_zero: bool) -> tuple[RunLocation | None, bool]:
+    """The run's folder and whether this call created it: a resumed run's own, else a newly claimed one."""
+    if plan.checkpoint is not None and (location := run_location_of(plan.checkpoint)) is not None:
+        return location, False
+    if os.environ.get(RUN_FOLDER_ENV):
+        folder = Path(os.environ[RUN_FOLDER_ENV])
+        return RunLocation(folder.parent.parent, folder.parent.name, folder.name), False
+    if not rank_zero:
+        return None, False  # the other processes' loggers write nothing; checkpoints follow rank 0's folder
+    return claim_run_folder(config.trainer.log_dir, config.model.arch), True
+
+
 def _fit(config: FitConfig, explicit: Collection[str], command: list[str]) -> dict[str, Any]:
     may_download = config.data.data_dir == DEFAULT_DATA_DIR
     config = absolute_paths(config)
-    ckpt_path, stored = _resolve_resume(config)
+    log_dir = Path(config.trainer.log_dir)
+    if log_dir.exists() and not log_dir.is_dir():
+        raise UserError(f"--log_dir {log_dir} is a file; pass a folder (runs land in LOG_DIR/<arch>/version_N)")
+    plan = plan_resume(config, explicit)
+    config = plan.config
     max_epochs = config.trainer.max_epochs
-    if ckpt_path is not None and stored["_epochs_done"] >= max_epochs:
-        print(
-            f"{ckpt_path} has already trained {stored['_epochs_done']} epochs (--max_epochs {max_epochs}): "
-            "the run is finished, nothing to do; raise --max_epochs to train longer",
-            flush=True,
-        )
-        return {"finished_already": True}
+    if plan.checkpoint is not None:
+        changed = f"; changed: {', '.join(plan.notes)}" if plan.notes else ""
+        print(f"resuming {plan.checkpoint} (epoch {plan.epochs_done} of {max_epochs} done, step {plan.step})"
+              f"{changed}", flush=True)  # fmt: skip
+        if plan.epochs_done >= max_epochs:
+            epochs = f"{plan.epochs_done} epoch{'s' if plan.epochs_done != 1 else ''}"
+            print(f"the run is finished: {epochs} trained of --max_epochs {max_epochs}; nothing to do (raise "
+                  "--max_epochs to train longer)", flush=True)  # fmt: skip
+            return {"finished_already": True}
+    else:
+        for note in plan.notes:
+            print(note, flush=True)
     check_data_dir(config.data.data_dir, may_download=may_download)
     L.seed_everything(config.data.seed, workers=True, verbose=False)
     datamodule = CIFARDataModule(config.data)
@@ -107,30 +112,75 @@ def _fit(config: FitConfig, explicit: Collection[str], command: list[str]) -> di
         print(describe_data(datamodule), flush=True)
         return {"described_data": True}
     num_classes = datamodule.num_classes
-    if stored and stored.get("num_classes", num_classes) != num_classes:
+    if plan.checkpoint is not None and config.model.num_classes != num_classes:
         raise UserError(
-            f"--ckpt_path {ckpt_path} has {stored['num_classes']} classes but {config.data.data_dir} has {num_classes}"
+            f"--ckpt_path {plan.checkpoint} has {config.model.num_classes} classes but {config.data.data_dir} has "
+            f"{num_classes}; pass the run's --data_dir, or start a new run"
         )
     config = replace(config, model=replace(config.model, num_classes=num_classes))
     model = ImageClassifier(config.model)
+    rank_zero = launched_as_rank_zero()
+    location, created = _run_folder(config, plan, rank_zero)
+    try:
+        with StopSignals() as signals, contextlib.ExitStack() as stack:
+            if rank_zero and location is not None:
+                stolen = stack.enter_context(run_lock(location.path))
+                if stolen:
+                    print(stolen, flush=True)
+                # Processes Lightning launches for DDP inherit the environment: they write to the same folder.
+                stack.enter_context(_environment_variable(RUN_FOLDER_ENV, str(location.path)))
+            return _train_and_test(config, datamodule, model, plan, location, signals, command)
+    except (UserError, TrainingInterruptedError):
+        # Bad input or data, or a signal before the first step: a folder this call created holds nothing to keep.
+        folder = location.path if location is not None else None
+        if created and folder is not None and folder.is_dir() and not any(folder.rglob("*.ckpt")):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def _environment_variable(name: str, value: str) -> Iterator[None]:
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
+def _train_and_test(
+    config: FitConfig,
+    datamodule: CIFARDataModule,
+    model: ImageClassifier,
+    plan: ResumePlan,
+    location: RunLocation | None,
+    signals: StopSignals,
+    command: list[str],
+) -> dict[str, Any]:
+    """Fit (stopping cleanly on signals), then test the best checkpoint once."""
 
     def render(trainer: L.Trainer) -> str:
         header = write_header(command, environment.describe(trainer.strategy.root_device))
         return config_yaml(_resolved_config(config, trainer), header)
 
-    label = RunLabel(config.model.arch, run_location_of(ckpt_path) if ckpt_path else None, render)
+    stored = replace(config, run=replace(config.run, ckpt_path=None)).flat()
+    label = RunLabel(config.model.arch, location, render, stored, signals)
     trainer, checkpoints = build_trainer(config.trainer, label)
-    folder = run_dir(trainer)
-    folder_is_new = folder is not None and not folder.exists()
+    ckpt_path = str(plan.checkpoint) if plan.checkpoint else None
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException as stop:  # outside a training batch; the checkpoint is written on the way out
         raise sigterm_stop(trainer) from stop
-    except UserError:
-        # Bad data is found when the Trainer decodes it; a run folder this call created holds nothing yet.
-        if folder_is_new and trainer.is_global_zero and folder.is_dir() and not any(folder.rglob("*.ckpt")):
-            shutil.rmtree(folder, ignore_errors=True)
+    except TrainingInterruptedError as stop:
+        if stop.checkpoint is None:  # stopped without a new checkpoint: continue from the run's newest one
+            kept = location.path / "checkpoints" / "last.ckpt" if location is not None else None
+            stop.checkpoint = kept if kept is not None and kept.is_file() else plan.checkpoint
         raise
+    last = Path(checkpoints.last.best_model_path) if checkpoints.last.best_model_path else None
+    signals.phase_done("after training, before the final test", last)  # a signal in the last validation
 
     result: dict[str, Any] = {"run_dir": str(run_dir(trainer)) if run_dir(trainer) else None}
     if config.trainer.fast_dev_run:
@@ -141,7 +191,11 @@ def _fit(config: FitConfig, explicit: Collection[str], command: list[str]) -> di
     result["best_checkpoint"] = best_path or None
     result["last_checkpoint"] = checkpoints.last.best_model_path or None
     if config.run.test and datamodule.has_test_split:
-        tested = trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
+        try:
+            tested = trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
+        except SIGTERMException as stop:
+            raise TrainingInterruptedError(signal.SIGTERM, last, "during the final test") from stop
+        signals.phase_done("during the final test", last)
         result["test_acc"] = float(tested[0]["test/acc"]) if tested else None
         result["test_selected_on_test"] = config.data.val_size == 0
     return result
@@ -159,16 +213,28 @@ def _report(result: dict[str, Any], config: FitConfig) -> None:
     if result.get("best_checkpoint"):
         lines.append(f"  best checkpoint {result['best_checkpoint']}")
     if result.get("last_checkpoint"):
-        lines.append(f"  resume with     {resume_command(config, result['last_checkpoint'])}")
+        lines.append(f"  resume with     {resume_command(result['last_checkpoint'])}")
     if result.get("run_dir"):
         lines.append(f"  run folder      {result['run_dir']}")
     lines.append(f"  curves          tensorboard --logdir {config.trainer.log_dir}")
     print("\n".join(lines), flush=True)
 
 
-def resume_command(config: FitConfig, checkpoint: str | Path) -> str:
-    """The command that continues a run from ``checkpoint``."""
-    return f"python scripts/fit.py --arch {config.model.arch} --ckpt_path {checkpoint}"
+def resume_command(checkpoint: str | Path) -> str:
+    """The command that continues a run from ``checkpoint``: the checkpoint carries every other option."""
+    return f"python scripts/fit.py --ckpt_path {Path(checkpoint).resolve()}"
+
+
+def interruption_message(stop: TrainingInterruptedError) -> str:
+    """One line: what stopped the run, what was kept, and how to go on."""
+    if stop.checkpoint is None:
+        return f"{stop}; nothing was trained, nothing to resume"
+    if stop.phase.startswith("after training") or stop.phase == "during the final test":
+        return (
+            f"{stop}; training is complete ({stop.checkpoint}); test it with: python scripts/test.py --ckpt_path "
+            f"{Path(stop.checkpoint).resolve()}"
+        )
+    return f"{stop}, checkpoint written; resume with: {resume_command(stop.checkpoint)}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -179,13 +245,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if request.print_config:
             print(config_yaml(request.config), end="")
             return 0
-        result = run_fit(request.config, request.explicit, command)
+        result = run_fit(request.config, request.explicit | set(request.from_file), command)
     except UserError as err:
         print(f"fit.py: error: {err}", file=sys.stderr)
         return 2
     except TrainingInterruptedError as stop:
-        print(f"fit.py: {stop}, checkpoint written; resume with: {resume_command(request.config, stop.checkpoint)}",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(f"fit.py: {interruption_message(stop)}", file=sys.stderr, flush=True)
         return stop.exit_code
     if not result.get("finished_already") and not result.get("described_data"):
         _report(result, request.config)

@@ -13,9 +13,14 @@ from collections.abc import Iterator
 _BANNERS = re.compile(
     r"^(\N{ELECTRIC LIGHT BULB} Tip|GPU available:|TPU available:|HPU available:|LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES"
     r"|Using (bfloat16|16bit) Automatic Mixed Precision|`Trainer\.(fit|test|validate|predict)` stopped:"
-    r"|Restoring states from the checkpoint path|Restored all states from the checkpoint)"
+    r"|Restoring states from the checkpoint path|Restored all states from the checkpoint"
+    r"|(\[rank: \d+\] )?Received SIGTERM)"
 )
-_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda")
+_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.pytorch.accelerators.cuda",
+    "lightning.pytorch.trainer.connectors.signal_connector",
+)
 
 # Notices about settings this project chose on purpose, or that torch raises inside Lightning.
 _NOT_APPLICABLE = (

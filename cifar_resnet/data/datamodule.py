@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,10 +13,10 @@ import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
-from torchvision.datasets.folder import find_classes
 
 from cifar_resnet.config import DataConfig, as_dict, upgrade_names
 from cifar_resnet.data.augment import AugmentConfig, BatchAugment, Normalize
+from cifar_resnet.data.images import class_names
 from cifar_resnet.data.sources import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -132,6 +133,30 @@ class TensorBatchLoader(DataLoader):
         return images, labels
 
 
+def data_fingerprint(split: ImageSplit) -> str:
+    """A digest of every training image, its label and its order: equal only for the same data, as loaded."""
+    digest = hashlib.sha256(",".join(split.classes).encode())
+    digest.update(split.labels.numpy().tobytes())
+    digest.update(split.images.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_same_data(stored: dict[str, Any], classes: list[str], fingerprint: str, data_dir: str) -> None:
+    """A UserError when the data differs from what a checkpoint (``stored``: its DataModule state) trained on."""
+    was = stored.get("data_dir", "the run's data")
+    if "classes" in stored and list(stored["classes"]) != classes:
+        trained_on = ", ".join(stored["classes"])
+        raise UserError(
+            f"{data_dir} has the classes {', '.join(classes)}, but the run was trained on {trained_on} ({was}); "
+            "pass the run's data (--data_dir), or restore the folder's class names, or start a new run"
+        )
+    if stored.get("fingerprint") not in (None, fingerprint):
+        raise UserError(
+            f"{data_dir} holds other images than the run was trained on ({was}): same classes, but images or their "
+            "order differ; pass the run's data (--data_dir), or start a new run"
+        )
+
+
 class CIFARDataModule(L.LightningDataModule):
     """CIFAR-10 from torchvision's files or an image folder, with a stratified validation hold-out.
 
@@ -169,6 +194,7 @@ class CIFARDataModule(L.LightningDataModule):
         self.train_split: ImageSplit | None = None
         self.val_split: ImageSplit | None = None
         self.test_split: ImageSplit | None = None
+        self.fingerprint = ""
         self._aug_gen = torch.Generator()
         self._aug_epoch: tuple[int, int] | None = None
         self._resident: dict[tuple[str, str], ImageSplit] = {}
@@ -181,7 +207,7 @@ class CIFARDataModule(L.LightningDataModule):
         """Number of classes, known without decoding any image."""
         if self.source == "cifar10":
             return 10
-        return len(find_classes(str(self.data_dir / "train"))[0])
+        return len(class_names(self.data_dir / "train"))
 
     @property
     def has_test_split(self) -> bool:
@@ -206,6 +232,7 @@ class CIFARDataModule(L.LightningDataModule):
         if self.train_split is not None:
             return
         full_train = self._load(train=True)
+        self.fingerprint = data_fingerprint(full_train)
         self.test_split = self._load(train=False) if self.has_test_split else None
         if self.test_split is not None and self.test_split.classes != full_train.classes:
             raise UserError(f"test classes {self.test_split.classes} differ from train classes {full_train.classes}")
@@ -242,12 +269,19 @@ class CIFARDataModule(L.LightningDataModule):
         return max(self.trainer.fit_loop.epoch_progress.current.processed, self._resume_epoch)
 
     def state_dict(self) -> dict[str, Any]:
-        # Epochs whose training has finished: the epoch a resumed run starts (or continues) in.
+        """The epoch a resumed run starts (or continues) in, and what the run trains on: the class names and
+        a fingerprint of the training images in their order."""
         processed = self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
-        return {"next_epoch": int(processed)}
+        state: dict[str, Any] = {"next_epoch": int(processed)}
+        if self.train_split is not None:
+            state.update(classes=list(self.classes), fingerprint=self.fingerprint, data_dir=str(self.data_dir))
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue from a checkpoint: refuse data other than the run's (checked after :meth:`setup`)."""
         self._resume_epoch = int(state_dict.get("next_epoch", 0))
+        if self.train_split is not None:
+            check_same_data(state_dict, list(self.classes), self.fingerprint, str(self.data_dir))
 
     def loader(self, name: str, device: torch.device | None = None) -> DataLoader:
         """The ``train``, ``val`` or ``test`` loader for a run on ``device`` (default: the trainer's, else the CPU).

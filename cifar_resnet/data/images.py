@@ -76,12 +76,17 @@ def _walk_files(folder: Path, seen: set[tuple[int, int]]) -> list[Path]:
     return files
 
 
+def class_names(split_dir: Path) -> list[str]:
+    """The class folders of ``split_dir``, sorted (hidden folders such as ``.ipynb_checkpoints`` left out)."""
+    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def list_image_folder(split_dir: Path) -> tuple[list[tuple[str, int]], list[str]]:
     """``(path, label)`` of every image under ``split_dir/<class>/``, and the class names (sorted, as
     torchvision's ImageFolder orders them). Files that are not images by their suffix are left out."""
     if not split_dir.is_dir():
         raise UserError(f"{split_dir} is not a directory; expected {split_dir}/<class>/<image>.png|jpg")
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = class_names(split_dir)
     if not classes:
         raise UserError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image>.png|jpg")
     if len(classes) == 1:

@@ -64,10 +64,16 @@ class AugmentationPreview(Callback):
 
 class SaveRunConfig(Callback):
     """Writes the run's resolved options into its folder as ``config.yaml``, which replays the run with
-    ``--config``; a resumed run keeps the first file and adds ``config.resume1.yaml``, ... beside it."""
+    ``--config``; a resumed run keeps the first file and adds ``config.resume1.yaml``, ... beside it. Every
+    checkpoint carries the run's options too (``run_config``), so ``--ckpt_path`` alone continues the run."""
 
-    def __init__(self, render: Callable[[L.Trainer], str]) -> None:
+    def __init__(self, render: Callable[[L.Trainer], str], options: dict[str, Any] | None = None) -> None:
         self.render = render
+        self.options = options or {}
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.options:
+            checkpoint["run_config"] = dict(self.options)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or trainer.logger is None or trainer.logger.log_dir is None:

@@ -34,12 +34,17 @@ class NonFiniteWeightsError(UserError):
 
 
 class TrainingInterruptedError(Exception):
-    """SIGTERM or SIGINT stopped the run after a resumable checkpoint was written to ``checkpoint``."""
+    """SIGTERM or SIGINT stopped the run; ``checkpoint`` is where it can continue from (None: nothing to keep).
 
-    def __init__(self, signum: int, checkpoint: Path | None) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
+    ``phase`` says when it came (``before training``, ``during training``, ``after training``, ``during the
+    final test``).
+    """
+
+    def __init__(self, signum: int, checkpoint: Path | None, phase: str = "during training") -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} {phase}")
         self.signum = signum
         self.checkpoint = checkpoint
+        self.phase = phase
 
     @property
     def exit_code(self) -> int:
@@ -188,66 +193,134 @@ class DivergenceStop(Callback):
             )
 
 
-class GracefulInterrupt(Callback):
-    """On SIGTERM or Ctrl-C, finish the current batch, write a resumable ``last.ckpt`` and stop.
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM for the whole of a fit, installed by the script around it.
 
-    SIGTERM goes through Lightning's own handler (``trainer.received_sigterm``, broadcast to all ranks; under
-    SLURM Lightning also requeues). Lightning turns Ctrl-C into an immediate KeyboardInterrupt that can land
-    in the middle of an optimizer step, so SIGINT is caught here instead and acted on at the next batch end;
-    a second Ctrl-C interrupts at once.
+    Before training starts (decoding data, building the model) and after it ends (the final test) a signal
+    stops the run at once: nothing would be lost. While training, the first signal is only recorded, and
+    :class:`GracefulInterrupt` acts on it at the next batch end, after writing a checkpoint. A second Ctrl-C
+    stops at once. Lightning adds its own SIGTERM handler while it trains and calls this one as well.
     """
 
-    def __init__(self, last: ModelCheckpoint | None = None) -> None:
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.training = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        repeated = self.signum is not None
+        self.signum = self.signum or signum
+        if not self.training:
+            raise TrainingInterruptedError(signum, None, "before training")
+        if repeated and signum == signal.SIGINT:  # a second Ctrl-C: stop without waiting for the batch to end
+            raise TrainingInterruptedError(signum, None, "at once (a second Ctrl-C)")
+
+    def phase_done(self, phase: str, checkpoint: Path | None) -> None:
+        """After a phase that finished although a signal came: stop now, pointing at ``checkpoint``."""
+        if self.signum is not None:
+            raise TrainingInterruptedError(self.signum, checkpoint, phase)
+
+
+class GracefulInterrupt(Callback):
+    """Acts on a recorded SIGTERM or Ctrl-C: at the end of a training or validation batch it writes a resumable
+    ``last.ckpt`` and stops the run. Before the first step there is nothing to keep, so it stops without one.
+
+    Lightning also raises its own SIGTERMException outside training batches; a checkpoint is written then too.
+    """
+
+    def __init__(self, last: ModelCheckpoint | None = None, signals: StopSignals | None = None) -> None:
         self.last = last
-        self._pending: int | None = None
-        self._previous: Any = None
+        self.signals = signals or StopSignals()
         self.saved: Path | None = None
         self.signum: int | None = None
 
-    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
-        if self._pending is not None:
-            raise KeyboardInterrupt
-        self._pending = signal.SIGINT
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.signals.signum is not None:  # came while the data was decoded or the checkpoint restored
+            raise TrainingInterruptedError(self.signals.signum, None, "before training")
+        self.signals.training = True
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.signals.training = False
 
     def _target(self, trainer: L.Trainer) -> Path:
         if self.last is not None and self.last.dirpath:
             return Path(self.last.dirpath) / "last.ckpt"
         return Path(trainer.default_root_dir) / "last.ckpt"
 
-    def _save_and_stop(self, trainer: L.Trainer, signum: int) -> None:
+    def _save_and_stop(self, trainer: L.Trainer, signum: int, phase: str) -> None:
         self.signum = signum
         target = self._target(trainer)
         trainer.save_checkpoint(target, weights_only=False)  # every rank calls it; rank 0 writes
         self.saved = target
-        raise TrainingInterruptedError(signum, target)
+        raise TrainingInterruptedError(signum, target, phase)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._pending is not None:
-            self._save_and_stop(trainer, self._pending)
-        if trainer.received_sigterm:
-            self._save_and_stop(trainer, signal.SIGTERM)
+        signum = self.signals.signum or (signal.SIGTERM if trainer.received_sigterm else None)
+        if signum is not None:
+            self._save_and_stop(trainer, signum, "during training")
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:  # fmt: skip
+        if self.signals.signum == signal.SIGINT and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._save_and_stop(trainer, signal.SIGINT, "during validation")
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # Lightning raises SIGTERMException itself outside training batches (e.g. during validation).
-        if isinstance(exception, SIGTERMException) and self.saved is None:
+        if isinstance(exception, SIGTERMException) and self.saved is None and self.signals.training:
             self.signum = signal.SIGTERM
             target = self._target(trainer)
             trainer.save_checkpoint(target, weights_only=False)
             self.saved = target
 
 
-def sigterm_stop(trainer: L.Trainer) -> TrainingInterruptedError:
+class RunFolderRelocation(Callback):
+    """Lets a moved or copied run folder resume with its best-checkpoint record.
+
+    Lightning restores ModelCheckpoint's record (best score and path, the top-k files) only when the stored
+    folder equals the current one, and otherwise starts the record afresh, which can keep a worse "best".
+    Before the callbacks load their state, paths inside the run's old ``checkpoints/`` folder are moved to
+    the folder of the checkpoint being resumed.
+    """
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        resumed = Path(trainer.ckpt_path).resolve() if trainer.ckpt_path else None
+        if resumed is None or resumed.parent.name != "checkpoints":
+            return
+        new_dir = str(resumed.parent)
+        for key, state in checkpoint.get("callbacks", {}).items():
+            old_dir = state.get("dirpath") if key.startswith("ModelCheckpoint") and isinstance(state, dict) else None
+            if not old_dir or old_dir == new_dir:
+                continue
+
+            def moved(path: Any, old_dir: str = old_dir) -> Any:
+                if isinstance(path, str) and path and Path(path).parent == Path(old_dir):
+                    return str(Path(new_dir) / Path(path).name)
+                return path
+
+            state["dirpath"] = new_dir
+            for field_name in ("best_model_path", "kth_best_model_path", "last_model_path"):
+                if field_name in state:
+                    state[field_name] = moved(state[field_name])
+            if isinstance(state.get("best_k_models"), dict):
+                state["best_k_models"] = {moved(path): score for path, score in state["best_k_models"].items()}
+
+
+def sigterm_stop(trainer: L.Trainer, phase: str = "during training") -> TrainingInterruptedError:
     """The error for a SIGTERM that Lightning turned into SIGTERMException (a SystemExit that exits 0)."""
     saved = next((cb.saved for cb in trainer.callbacks if isinstance(cb, GracefulInterrupt)), None)
-    return TrainingInterruptedError(signal.SIGTERM, saved)
+    return TrainingInterruptedError(signal.SIGTERM, saved, phase if saved is not None else "before training")

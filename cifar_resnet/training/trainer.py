@@ -25,7 +25,14 @@ from cifar_resnet.training.callbacks import (
     SaveRunConfig,
     StepMetricsBar,
 )
-from cifar_resnet.training.reliability import BackgroundCheckpointIO, DivergenceStop, GracefulInterrupt, RNGState
+from cifar_resnet.training.reliability import (
+    BackgroundCheckpointIO,
+    DivergenceStop,
+    GracefulInterrupt,
+    RNGState,
+    RunFolderRelocation,
+    StopSignals,
+)
 from cifar_resnet.training.reporting import ValidationReport
 from cifar_resnet.training.runs import RunLocation
 
@@ -97,8 +104,10 @@ class RunLabel:
     """Where a run's files go and what its ``config.yaml`` records besides the options."""
 
     name: str  # the folder under --log_dir, the architecture
-    resume_location: RunLocation | None = None
+    location: RunLocation | None = None  # the run folder, claimed or resumed; None: the logger picks one
     run_config: Callable[[L.Trainer], str] | None = None  # the config.yaml text, once the trainer is built
+    options: dict[str, Any] | None = None  # the run's options, stored in every checkpoint
+    signals: StopSignals | None = None  # SIGINT/SIGTERM as the script watches them
 
 
 def build_trainer(config: TrainerConfig, label: RunLabel) -> tuple[L.Trainer, Checkpoints]:
@@ -106,7 +115,7 @@ def build_trainer(config: TrainerConfig, label: RunLabel) -> tuple[L.Trainer, Ch
 
     Resuming from a checkpoint inside such a folder reuses that folder, so curves continue in place.
     """
-    location = label.resume_location
+    location = label.location
     logger = TensorBoardLogger(
         save_dir=str(location.save_dir) if location else config.log_dir,
         name=location.name if location else label.name,
@@ -127,13 +136,14 @@ def build_trainer(config: TrainerConfig, label: RunLabel) -> tuple[L.Trainer, Ch
         checkpoints.last,
         RNGState(),
         DivergenceStop(config.max_nonfinite_steps),
-        GracefulInterrupt(checkpoints.last),
+        GracefulInterrupt(checkpoints.last, label.signals),
         EpochThroughput(),
         AugmentationPreview(),
         ValidationReport(config.confusion_every_n_epochs),
     ]
     if label.run_config is not None:
-        callbacks.append(SaveRunConfig(label.run_config))
+        callbacks.append(SaveRunConfig(label.run_config, label.options))
+    callbacks.append(RunFolderRelocation())
     if config.ckpt_every_n_steps:
         # Mid-epoch saves rewrite the same last.ckpt (a ModelCheckpoint saves per step or per epoch, not both).
         callbacks.append(

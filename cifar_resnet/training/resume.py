@@ -1,0 +1,94 @@
+"""Continuing a run: its checkpoint carries the run's config, and only options that cannot change what it
+learns may be given differently."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from cifar_resnet.config import DataConfig, FitConfig, ModelConfig, as_dict, option_spec, upgrade_names
+from cifar_resnet.errors import UserError
+from cifar_resnet.training.runs import completed_epochs, find_last_checkpoint, newest_last_checkpoint, read_checkpoint
+
+RUN_CONFIG_KEY = "run_config"  # where a checkpoint keeps the flat config of its run
+
+
+@dataclass
+class ResumePlan:
+    """What a fit starts from: the config to run, the checkpoint to continue (None: a new run), and notes."""
+
+    config: FitConfig
+    checkpoint: Path | None = None
+    epochs_done: int = 0
+    step: int = 0
+    notes: list[str] = field(default_factory=list)
+    stored: dict[str, Any] = field(default_factory=dict)  # the checkpoint itself, for identity checks
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return " ".join(str(v) for v in value)
+    return "none" if value is None else str(value)
+
+
+def _stored_config(checkpoint: dict[str, Any], given: FitConfig) -> FitConfig:
+    """The run's config from a checkpoint; older checkpoints keep only model and data options."""
+    if RUN_CONFIG_KEY in checkpoint:
+        return FitConfig.from_flat(upgrade_names(checkpoint[RUN_CONFIG_KEY]))
+    model_names = {k for k in as_dict(ModelConfig())}
+    data_names = {k for k in as_dict(DataConfig())}
+    hparams = upgrade_names(checkpoint.get("hyper_parameters", {}))
+    data = upgrade_names(checkpoint.get("datamodule_hyper_parameters", {}))
+    values = {k: v for k, v in hparams.items() if k in model_names and k != "num_classes"}
+    values.update({k: v for k, v in data.items() if k in data_names})
+    return FitConfig.from_flat(values, base=given)
+
+
+def plan_resume(config: FitConfig, explicit: Collection[str]) -> ResumePlan:
+    """The run to continue, if ``--ckpt_path`` names one, with the options given now checked against it.
+
+    ``explicit`` are the options the user gave (on the command line or in a config file): where one differs
+    from the run's value, a "free" option (length, devices, logging, speed switches) takes the new value and
+    is announced; a "fixed" one (data, split, model, optimisation) is refused, naming them all.
+    """
+    ckpt = config.run.ckpt_path
+    if ckpt is None:
+        return ResumePlan(config)
+    arch = config.model.arch if "arch" in explicit else None
+    if ckpt == "auto":
+        found = newest_last_checkpoint(config.trainer.log_dir, arch)
+        if found is None:
+            note = f"no last.ckpt under {Path(config.trainer.log_dir) / (arch or '*')}: starting a new run"
+            return ResumePlan(replace(config, run=replace(config.run, ckpt_path=None)), notes=[note])
+        path = found
+    elif ckpt == "last":
+        path = find_last_checkpoint(config.trainer.log_dir, arch)
+    else:
+        path = Path(ckpt).expanduser().resolve()
+    checkpoint = read_checkpoint(path)
+    if "hyper_parameters" not in checkpoint or "loops" not in checkpoint:
+        raise UserError(
+            f"--ckpt_path {path} holds weights but no training state (a file of export.py?); continue a run from "
+            "its checkpoints/last.ckpt"
+        )
+    stored = _stored_config(checkpoint, config)
+    old, new = stored.flat(), config.flat()
+    changed, refused = {}, []
+    for name in sorted(set(explicit) - {"ckpt_path", "describe_data"}):
+        if name not in new or new[name] == old.get(name):
+            continue
+        if option_spec(name).on_resume == "free":
+            changed[name] = new[name]
+        else:
+            refused.append(f"--{name} {_show(new[name])} (the run's: {_show(old.get(name))})")
+    if refused:
+        raise UserError(
+            f"{path} continues its run as it was started, and these would change what it learns: "
+            f"{'; '.join(refused)}. Drop them to resume, or start a new run without --ckpt_path"
+        )
+    resumed = FitConfig.from_flat({**changed, "ckpt_path": str(path)}, base=stored)
+    notes = [f"--{name} {_show(value)} (was {_show(old.get(name))})" for name, value in changed.items()]
+    return ResumePlan(resumed, path, completed_epochs(checkpoint), int(checkpoint.get("global_step", 0)), notes,
+                      checkpoint)  # fmt: skip
