@@ -65,7 +65,7 @@ def run_test(*argv: str) -> tuple[evaluate.Evaluation, Path]:
     """scripts/test.py's work for these arguments: evaluate and write the report folder."""
     args = test_cli.build_parser().parse_args(list(argv))
     return evaluate.evaluate_checkpoint(args.ckpt_path, args.data_dir, args.split, args.tta, args.out,
-                                        args.batch_size, args.cache_dir)  # fmt: skip
+                                        args.batch_size, args.cache_dir, args.overwrite)  # fmt: skip
 
 
 def test_test_counts_every_image_and_matches_a_hand_evaluation(trained: dict[str, Path], tmp_path: Path) -> None:

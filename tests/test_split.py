@@ -56,3 +56,18 @@ def test_zero_val_size_keeps_everything_for_training() -> None:
 def test_impossible_sizes_are_refused(size: int) -> None:
     with pytest.raises(ValueError, match="val_size"):
         stratified_split(_labels([5, 5]), size, seed=0)
+
+
+def test_interleaving_takes_the_classes_in_turn_so_every_prefix_covers_them() -> None:
+    from cifar_resnet.data.split import interleave_by_class
+
+    labels = torch.tensor([0] * 5 + [1] * 5 + [2] * 4 + [3] * 6)  # sorted by class, as a split comes
+    order = interleave_by_class(labels)
+    assert sorted(order.tolist()) == list(range(len(labels))), "a permutation"
+    shown = labels[order]
+    assert shown[:8].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    for prefix in (4, 8, 12):
+        assert set(shown[:prefix].tolist()) == {0, 1, 2, 3}
+    for cls in range(4):  # within a class the original order is kept
+        members = order[shown == cls]
+        assert members.tolist() == sorted(members.tolist())

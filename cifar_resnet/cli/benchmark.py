@@ -17,7 +17,9 @@ import torch
 from cifar_resnet import tables
 from cifar_resnet.cli.common import OneLineErrorParser, run_reporting_user_errors
 from cifar_resnet.cli.quiet import quiet_lightning
+from cifar_resnet.config import DataConfig
 from cifar_resnet.data import CIFARDataModule
+from cifar_resnet.data.sources import check_data_dir
 from cifar_resnet.errors import UserError
 from cifar_resnet.models import list_models
 from cifar_resnet.tools import benchmark
@@ -108,6 +110,10 @@ class _Plan:
 
 def _plan(args: argparse.Namespace) -> _Plan:
     _check_counts(args)
+    # CIFAR-10 is downloaded only into the default folder: a mistyped --data_dir is an error, not a download.
+    check_data_dir(args.data_dir, may_download=args.data_dir == DataConfig().data_dir)
+    if args.profile_trace and Path(args.profile_trace).exists():
+        raise UserError(f"--profile_trace {args.profile_trace} exists; choose another file name")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu")
     on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())

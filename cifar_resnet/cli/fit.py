@@ -173,7 +173,8 @@ def _train_and_test(
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException as stop:  # outside a training batch; the checkpoint is written on the way out
-        raise sigterm_stop(trainer) from stop
+        done = trainer.fit_loop.epoch_progress.current.completed >= (trainer.max_epochs or 0)
+        raise sigterm_stop(trainer, "after training, before the final test" if done else "during training") from stop
     except TrainingInterruptedError as stop:
         if stop.checkpoint is None:  # stopped without a new checkpoint: continue from the run's newest one
             kept = location.path / "checkpoints" / "last.ckpt" if location is not None else None

@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir", help="a run folder, e.g. lightning_logs/resnet20/version_0")
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/plots)")
+    p.add_argument("--overwrite", action="store_true", help="replace plots written before")
     return p
 
 
@@ -26,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def work() -> int:
-        written, skipped = plot_run(args.run_dir, args.out)
+        written, skipped = plot_run(args.run_dir, args.out, args.overwrite)
         for path in written:
             print(path)
         for note in skipped:

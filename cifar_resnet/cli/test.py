@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="report folder (default: <run>/eval-<ckpt stem>)")
     p.add_argument("--batch_size", type=int, default=512, help="evaluation batch size")
     p.add_argument("--cache_dir", default=None, help="decoded image-folder cache (default ~/.cache/cifar_resnet)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier report in the same folder")
     return p
 
 
@@ -32,7 +33,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def work() -> int:
         result, out = evaluate_checkpoint(
-            args.ckpt_path, args.data_dir, args.split, args.tta, args.out, args.batch_size, args.cache_dir
+            args.ckpt_path,
+            args.data_dir,
+            args.split,
+            args.tta,
+            args.out,
+            args.batch_size,
+            args.cache_dir,
+            args.overwrite,
         )
         print(format_report(result, Path(args.ckpt_path)))
         print(f"\nreport written to {out}")

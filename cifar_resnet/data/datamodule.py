@@ -27,7 +27,7 @@ from cifar_resnet.data.sources import (
     load_cifar10,
     load_image_folder,
 )
-from cifar_resnet.data.split import stratified_split
+from cifar_resnet.data.split import interleave_by_class, stratified_split
 from cifar_resnet.errors import UserError
 
 
@@ -88,6 +88,7 @@ class EpochBatchSampler(Sampler[Any]):
         self.epoch_of = epoch_of
         self.pin_memory = pin_memory
         self.as_lists = as_lists  # worker processes receive lists: a tensor would travel through shared memory
+        self.skip = 0  # batches of the next iteration already trained (a resumed epoch)
 
     def __len__(self) -> int:
         return (self.size // self.world) // self.batch_size
@@ -102,7 +103,8 @@ class EpochBatchSampler(Sampler[Any]):
         mine = self.indices(self.epoch_of())
         if self.pin_memory:
             mine = mine.pin_memory()
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+        first, self.skip = self.skip, 0
+        for start in range(first * self.batch_size, len(self) * self.batch_size, self.batch_size):
             batch = mine[start : start + self.batch_size]
             yield batch.tolist() if self.as_lists else batch
 
@@ -131,6 +133,39 @@ class TensorBatchLoader(DataLoader):
         if self.pin_memory:
             images, labels = images.pin_memory(), labels.pin_memory()
         return images, labels
+
+
+class TrainingLoader(TensorBatchLoader):
+    """The training loader, resumable in the middle of an epoch.
+
+    Lightning saves ``state_dict()`` in every checkpoint and hands it back through ``load_state_dict()``
+    before it iterates again; the next iteration of the same epoch then skips the batches already trained.
+    ``position`` is the index in the epoch of the batch last handed out, which names the batch's
+    augmentation randomness.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.epoch = -1
+        self.position = -1
+        self._resume: tuple[int, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches": self.position + 1}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume = (int(state_dict["epoch"]), int(state_dict["batches"]))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        sampler: EpochBatchSampler = self.batch_sampler  # type: ignore[assignment]
+        epoch = sampler.epoch_of()
+        skip = self._resume[1] if self._resume is not None and self._resume[0] == epoch else 0
+        self._resume = None
+        sampler.skip = skip
+        self.epoch, self.position = epoch, skip - 1
+        for batch in super().__iter__():
+            self.position += 1
+            yield batch
 
 
 def data_fingerprint(split: ImageSplit) -> str:
@@ -195,9 +230,8 @@ class CIFARDataModule(L.LightningDataModule):
         self.val_split: ImageSplit | None = None
         self.test_split: ImageSplit | None = None
         self.fingerprint = ""
-        self._aug_gen = torch.Generator()
-        self._aug_epoch: tuple[int, int] | None = None
         self._resident: dict[tuple[str, str], ImageSplit] = {}
+        self._train_loader: TrainingLoader | None = None
         self._resume_epoch = 0
 
     # ------------------------------------------------------------------ data
@@ -240,12 +274,37 @@ class CIFARDataModule(L.LightningDataModule):
         if val_size == 0:
             if self.test_split is None:
                 raise UserError(f"--val_size 0 validates on the test split, but {self.data_dir}/test is missing")
-            self.train_split, self.val_split = full_train, self.test_split
-            return
-        if val_size >= len(full_train):
-            raise UserError(f"--val_size {val_size} leaves no training images (the training set has {len(full_train)})")
-        train_idx, val_idx = stratified_split(full_train.labels, val_size, self.config.seed)
-        self.train_split, self.val_split = full_train.subset(train_idx), full_train.subset(val_idx)
+            train, val = full_train, self.test_split
+        else:
+            if val_size >= len(full_train):
+                raise UserError(
+                    f"--val_size {val_size} leaves no training images (the training set has {len(full_train)})"
+                )
+            train_idx, val_idx = stratified_split(full_train.labels, val_size, self.config.seed)
+            train, val = full_train.subset(train_idx), full_train.subset(val_idx)
+        # Classes in turn, so validating on the first batches only (--limit_val_batches) still sees them all.
+        self.train_split, self.val_split = train, val.subset(interleave_by_class(val.labels))
+        if stage in (None, "fit"):
+            self._check_training_batches()
+
+    def _check_training_batches(self) -> None:
+        """A UserError when an epoch would hold no training batch (the loader drops an incomplete last batch)."""
+        assert self.train_split is not None
+        world, _ = self._world()
+        per_process = len(self.train_split) // world
+        batches = per_process // self.config.batch_size
+        if batches == 0:
+            raise UserError(
+                f"--batch_size {self.config.batch_size} is larger than the training split"
+                f"{' per process' if world > 1 else ''} ({per_process} images): no batch to train on; lower "
+                "--batch_size (or --val_size)"
+            )
+        limit = self.trainer.limit_train_batches if self.trainer is not None else None
+        if isinstance(limit, float) and int(batches * limit) == 0:
+            raise UserError(
+                f"--limit_train_batches {limit} of {batches} training batches leaves none; raise it (or give a number "
+                "of batches)"
+            )
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -311,7 +370,8 @@ class CIFARDataModule(L.LightningDataModule):
             # Training order comes from (seed, epoch); one process is simply a world of one.
             batches = EpochBatchSampler(len(dataset), self.config.batch_size, world, rank, self.config.seed,
                                         self._current_epoch, pin_memory=resident, as_lists=workers > 0)  # fmt: skip
-            return TensorBatchLoader(dataset, batch_sampler=batches, **common)
+            self._train_loader = TrainingLoader(dataset, batch_sampler=batches, **common)
+            return self._train_loader
         # Evaluation splits are not padded, so every image counts exactly once however many processes share them.
         sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
         return TensorBatchLoader(dataset, batch_size=self.config.eval_batch_size, sampler=sampler, **common)
@@ -336,23 +396,22 @@ class CIFARDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ augmentation
 
-    def augmentation_generator(self, epoch: int, rank: int = 0) -> torch.Generator:
-        """The augmentation RNG of one epoch and process, derived from (seed, epoch, rank) alone."""
-        seed = (self.config.seed * 1_000_003 + epoch) * 4099 + rank
+    def augmentation_generator(self, epoch: int, rank: int = 0, batch: int = 0) -> torch.Generator:
+        """The augmentation RNG of one batch, derived from (seed, epoch, rank, batch) alone: a run resumed in
+        the middle of an epoch draws for each remaining batch exactly what the uninterrupted run drew."""
+        seed = ((self.config.seed * 1_000_003 + epoch) * 4099 + rank) * 1_000_033 + batch
         return torch.Generator().manual_seed(seed % (2**63))
 
-    def augment_batch(self, images: torch.Tensor, epoch: int, rank: int = 0) -> torch.Tensor:
-        """The training transform of one batch; the RNG restarts from (seed, epoch, rank) each epoch."""
-        if self._aug_epoch != (epoch, rank):
-            self._aug_gen = self.augmentation_generator(epoch, rank)
-            self._aug_epoch = (epoch, rank)
-        return self.train_augment(images, self._aug_gen)
+    def augment_batch(self, images: torch.Tensor, epoch: int, rank: int = 0, batch: int = 0) -> torch.Tensor:
+        """The training transform of one batch."""
+        return self.train_augment(images, self.augmentation_generator(epoch, rank, batch))
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, labels = batch
         trainer = self.trainer
         if trainer is not None and trainer.training:
-            return self.augment_batch(images, trainer.current_epoch, trainer.global_rank), labels
+            position = self._train_loader.position if self._train_loader is not None else 0
+            return self.augment_batch(images, trainer.current_epoch, trainer.global_rank, position), labels
         return self.normalize(images), labels
 
     def augmented_preview(self, count: int = 64, seed: int = 0) -> torch.Tensor:

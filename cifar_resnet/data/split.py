@@ -37,3 +37,18 @@ def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[to
     is_val = torch.zeros(n, dtype=torch.bool)
     is_val[val] = True
     return torch.nonzero(~is_val, as_tuple=True)[0], val
+
+
+def interleave_by_class(labels: torch.Tensor) -> torch.Tensor:
+    """An order of ``0..len(labels)-1`` that takes the classes in turn: one of each, then the next of each.
+
+    Any prefix of it samples every class alike, so validating on the first batches only (Lightning's
+    ``limit_val_batches``) still covers every class. Within a class the original order is kept.
+    """
+    members = [torch.nonzero(labels == cls, as_tuple=True)[0] for cls in torch.unique(labels).tolist()]
+    rank = torch.empty_like(labels, dtype=torch.float64)
+    for indices in members:
+        # The k-th member of a class goes to round k; within a round classes keep their order.
+        rank[indices] = torch.arange(indices.numel(), dtype=torch.float64)
+    classes = torch.unique(labels, return_inverse=True)[1].double()
+    return torch.argsort(rank * (len(members) + 1) + classes, stable=True)

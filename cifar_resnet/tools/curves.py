@@ -34,14 +34,22 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> tuple[list[Path], list[str]]:
-    """Write loss.png, accuracy.png and lr.png into ``out`` (default ``run_dir/plots``).
+def plot_run(
+    run_dir: str | Path, out: str | Path | None = None, overwrite: bool = False
+) -> tuple[list[Path], list[str]]:
+    """Write loss.png, accuracy.png and lr.png into ``out`` (default ``run_dir/plots``); earlier plots are
+    replaced only with ``overwrite``.
 
     Returns the files written and, for each one not written, a line saying why.
     """
     run_dir = Path(run_dir)
     series = read_scalars(run_dir)
     out_dir = Path(out) if out else run_dir / "plots"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file; pass a folder for the plots")
+    existing = [name for name, *_ in PANELS if (out_dir / name).exists()]
+    if existing and not overwrite:
+        raise UserError(f"{out_dir / existing[0]} exists; pass --overwrite to replace the plots, or --out")
     written, skipped = [], []
     for name, title, ylabel, tags in PANELS:
         present = {tag: series[tag] for tag in tags if tag in series}

@@ -112,11 +112,26 @@ def load_eval_split(trained: TrainedModel, data_dir: str | None, split: str, cac
     chosen = datamodule.test_split if split == "test" else datamodule.val_split
     if chosen is None or len(chosen) == 0:
         raise UserError(f"the {split} split of {data_dir} is empty (the checkpoint was trained with --val_size 0?)")
-    if len(chosen.classes) != trained.num_classes:
+    if list(chosen.classes) != list(trained.classes):
         raise UserError(
-            f"{data_dir} has {len(chosen.classes)} classes but --ckpt_path {trained.path} has {trained.num_classes}"
+            f"{data_dir} has the classes {', '.join(chosen.classes)}, but --ckpt_path {trained.path} was trained on "
+            f"{', '.join(trained.classes)}: its outputs would be read as the wrong classes; evaluate on data with "
+            "the checkpoint's class folders"
         )
     return chosen
+
+
+REPORT_FILES = ("metrics.json", "report.txt", "per_class.csv", "confusion_matrix.csv", "confusion_matrix.png",
+                "predictions.csv", "misclassified.png")  # fmt: skip
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """A report folder may be new or empty; replacing an earlier report needs ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder for the report")
+    existing = [name for name in REPORT_FILES if (out / name).exists()]
+    if existing and not overwrite:
+        raise UserError(f"{out} already holds a report ({existing[0]}, ...); pass --overwrite to replace it, or --out")
 
 
 def default_out_dir(ckpt_path: Path, split: str, tta: bool) -> Path:
@@ -205,13 +220,15 @@ def evaluate_checkpoint(
     out: str | Path | None = None,
     batch_size: int = 512,
     cache_dir: str | None = None,
+    overwrite: bool = False,
 ) -> tuple[Evaluation, Path]:
     """Load, evaluate, write the report folder (``report.txt`` included); returns the evaluation and the folder."""
     ckpt = Path(ckpt_path)
     trained = load_trained_model(ckpt).to(auto_device())
+    folder = Path(out) if out else default_out_dir(ckpt, split, tta)
+    check_out_dir(folder, overwrite)
     chosen = load_eval_split(trained, data_dir, split, cache_dir)
     result = evaluate_split(trained, chosen, split, tta, max(1, batch_size))
-    folder = Path(out) if out else default_out_dir(ckpt, split, tta)
     write_report(result, chosen.images, folder, sources=chosen.sources)
     (folder / "report.txt").write_text(format_report(result, ckpt) + "\n")
     return result, folder

@@ -30,10 +30,14 @@ class EpochThroughput(Callback):
     def __init__(self) -> None:
         self._start = 0.0
         self._images = 0
+        self._epoch: int | None = None
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        _sync(pl_module.device)
-        self._start, self._images = time.perf_counter(), 0
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        # Started at an epoch's first batch here, rather than at on_train_epoch_start, which Lightning does not
+        # call when it resumes in the middle of an epoch: a resumed epoch is timed from its first resumed batch.
+        if self._epoch != trainer.current_epoch:
+            _sync(pl_module.device)
+            self._start, self._images, self._epoch = time.perf_counter(), 0, trainer.current_epoch
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -108,8 +112,8 @@ class LineProgress(ProgressBar):
         super().__init__()
         self.every = max(1, every)
         self._enabled = True
-        self._epoch_start = 0.0
-        self._finished_epoch: tuple[int, float] | None = None
+        self._epoch_start: tuple[int, float, int] | None = None  # (epoch, when, first batch timed)
+        self._finished_epoch: tuple[int, float | None, int] | None = None
         self._epoch_seconds: list[float] = []
 
     def disable(self) -> None:
@@ -133,7 +137,11 @@ class LineProgress(ProgressBar):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._print_finished_epoch(trainer)
-        self._epoch_start = time.perf_counter()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        if self._epoch_start is None or self._epoch_start[0] != trainer.current_epoch:
+            self._print_finished_epoch(trainer)  # a resumed run reaches a new epoch without on_train_epoch_start
+            self._epoch_start = (trainer.current_epoch, time.perf_counter(), idx)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -155,19 +163,28 @@ class LineProgress(ProgressBar):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The LightningModule logs the epoch's training metrics in its own on_train_epoch_end, which runs
         # after this hook, so the line is printed once they exist: when the next epoch or the fit ends.
-        self._finished_epoch = (trainer.current_epoch + 1, time.perf_counter() - self._epoch_start)
+        start = self._epoch_start
+        timed = start is not None and start[0] == trainer.current_epoch
+        elapsed = time.perf_counter() - start[1] if timed and start is not None else None
+        self._finished_epoch = (trainer.current_epoch + 1, elapsed, start[2] if timed and start is not None else -1)
 
     def _print_finished_epoch(self, trainer: L.Trainer) -> None:
         if self._finished_epoch is None:
             return
-        epoch, elapsed = self._finished_epoch
+        epoch, elapsed, first_batch = self._finished_epoch
         self._finished_epoch = None
-        self._epoch_seconds.append(elapsed)
         keys = ("train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "train/images_per_sec")
-        line = f"epoch {epoch} done in {elapsed:.1f}s  " + self._format(self._scalars(trainer), keys)
+        if elapsed is None:  # resumed after its last training batch: this process did not time it
+            line = f"epoch {epoch} done (resumed after its training)  "
+        elif first_batch > 0:
+            line = f"epoch {epoch} done in {elapsed:.1f}s (resumed at batch {first_batch + 1})  "
+        else:
+            line = f"epoch {epoch} done in {elapsed:.1f}s  "
+            self._epoch_seconds.append(elapsed)
+        line += self._format(self._scalars(trainer), keys)
         remaining = (trainer.max_epochs or 0) - epoch
-        if remaining > 0:
-            recent = self._epoch_seconds[-5:]  # recent epochs: the first one also pays for warm-up
+        if remaining > 0 and self._epoch_seconds:
+            recent = self._epoch_seconds[-5:]  # recent whole epochs: the first one also pays for warm-up
             line += f"  eta {format_duration(remaining * sum(recent) / len(recent))}"
         self._print(line)
 

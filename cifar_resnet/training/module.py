@@ -234,7 +234,9 @@ class ImageClassifier(L.LightningModule):
         if self.trainer.world_size > 1:
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
         sums = sums.cpu()  # the epoch's one read of the training sums
-        images = sums[IMAGES].clamp_min(1)
+        if sums[IMAGES] == 0:  # nothing trained in this epoch here (resumed after it): no figures to log
+            return
+        images = sums[IMAGES]
         self.log("train/loss", sums[LOSS_TIMES_IMAGES] / images, sync_dist=False)
         self.log("train/acc", sums[TOP1_HITS] / images, prog_bar=True, sync_dist=False)
         self.log("train/acc_top5", sums[TOPK_HITS] / images, sync_dist=False)

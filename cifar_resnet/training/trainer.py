@@ -70,7 +70,12 @@ def _progress_callback(kind: str) -> Callback | None:
 
 
 def _check_devices(accelerator: str, devices: Any) -> None:
-    """CPU "devices" are processes; more than the machine's cores is a mistake, not a speed-up."""
+    """CPU "devices" are processes: a count, and more than the machine's cores is a mistake, not a speed-up."""
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu and isinstance(devices, list):
+        ids = ",".join(map(str, devices))
+        raise UserError(f"--devices {ids} names GPUs, but this run is on the CPU; give a number of processes "
+                        f"(e.g. --devices {len(devices)})")  # fmt: skip
     if accelerator == "cpu" and isinstance(devices, int) and devices > (os.cpu_count() or 1):
         raise UserError(f"--devices {devices} on the CPU, but this machine has {os.cpu_count()} cores")
 
@@ -187,7 +192,7 @@ def build_trainer(config: TrainerConfig, label: RunLabel) -> tuple[L.Trainer, Ch
             plugins=plugins,
             **optional,
         )
-    except (MisconfigurationException, ValueError, RuntimeError) as err:
+    except (MisconfigurationException, ValueError, RuntimeError, TypeError) as err:
         # Lightning refuses impossible placements (16-mixed on the CPU, no GPU, too many devices) with these.
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot run on this machine: {reason}") from err
