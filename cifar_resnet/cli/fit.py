@@ -20,7 +20,7 @@ from cifar_resnet import environment
 from cifar_resnet.cli.arguments import FitRequest, config_yaml, resolve, write_header
 from cifar_resnet.cli.quiet import quiet_lightning
 from cifar_resnet.config import DataConfig, FitConfig, TrainerConfig
-from cifar_resnet.data.datamodule import CIFARDataModule
+from cifar_resnet.data.datamodule import CIFARDataModule, check_same_data
 from cifar_resnet.data.sources import check_data_dir
 from cifar_resnet.data.stats import describe_data
 from cifar_resnet.errors import UserError
@@ -117,6 +117,12 @@ def _fit(config: FitConfig, explicit: Collection[str], command: list[str]) -> di
             f"--ckpt_path {plan.checkpoint} has {config.model.num_classes} classes but {config.data.data_dir} has "
             f"{num_classes}; pass the run's --data_dir, or start a new run"
         )
+    if plan.checkpoint is not None:
+        # Refuse other data before the trainer starts writing into the run's folder.
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        stored_data = plan.stored.get(type(datamodule).__qualname__, {})
+        check_same_data(stored_data, list(datamodule.classes), datamodule.fingerprint, str(datamodule.data_dir))
     config = replace(config, model=replace(config.model, num_classes=num_classes))
     model = ImageClassifier(config.model)
     rank_zero = launched_as_rank_zero()
@@ -192,10 +198,14 @@ def _train_and_test(
     result["best_checkpoint"] = best_path or None
     result["last_checkpoint"] = checkpoints.last.best_model_path or None
     if config.run.test and datamodule.has_test_split:
+        signals.phase = "during the final test"
         try:
             tested = trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
         except SIGTERMException as stop:
             raise TrainingInterruptedError(signal.SIGTERM, last, "during the final test") from stop
+        except TrainingInterruptedError as stop:
+            stop.checkpoint = last
+            raise
         signals.phase_done("during the final test", last)
         result["test_acc"] = float(tested[0]["test/acc"]) if tested else None
         result["test_selected_on_test"] = config.data.val_size == 0

@@ -205,6 +205,7 @@ class StopSignals:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.training = False
+        self.phase = "before training"  # for a signal that stops at once
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
@@ -222,7 +223,7 @@ class StopSignals:
         repeated = self.signum is not None
         self.signum = self.signum or signum
         if not self.training:
-            raise TrainingInterruptedError(signum, None, "before training")
+            raise TrainingInterruptedError(signum, None, self.phase)
         if repeated and signum == signal.SIGINT:  # a second Ctrl-C: stop without waiting for the batch to end
             raise TrainingInterruptedError(signum, None, "at once (a second Ctrl-C)")
 
@@ -252,6 +253,7 @@ class GracefulInterrupt(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.signals.training = False
+        self.signals.phase = "after training, before the final test"
 
     def _target(self, trainer: L.Trainer) -> Path:
         if self.last is not None and self.last.dirpath:

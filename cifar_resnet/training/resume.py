@@ -27,10 +27,13 @@ class ResumePlan:
     stored: dict[str, Any] = field(default_factory=dict)  # the checkpoint itself, for identity checks
 
 
-def _show(value: Any) -> str:
+def as_flag(name: str, value: Any) -> str:
+    """An option and its value as a command line writes it: ``--lr 0.1``, ``--no_hflip``, ``--milestones 0.5 0.75``."""
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no_{name}"
     if isinstance(value, list | tuple):
-        return " ".join(str(v) for v in value)
-    return "none" if value is None else str(value)
+        return f"--{name} {' '.join(str(v) for v in value)}"
+    return f"--{name} {'none' if value is None else value}"
 
 
 def _stored_config(checkpoint: dict[str, Any], given: FitConfig) -> FitConfig:
@@ -82,13 +85,13 @@ def plan_resume(config: FitConfig, explicit: Collection[str]) -> ResumePlan:
         if option_spec(name).on_resume == "free":
             changed[name] = new[name]
         else:
-            refused.append(f"--{name} {_show(new[name])} (the run's: {_show(old.get(name))})")
+            refused.append(f"{as_flag(name, new[name])} (the run's: {as_flag(name, old.get(name))})")
     if refused:
         raise UserError(
             f"{path} continues its run as it was started, and these would change what it learns: "
             f"{'; '.join(refused)}. Drop them to resume, or start a new run without --ckpt_path"
         )
     resumed = FitConfig.from_flat({**changed, "ckpt_path": str(path)}, base=stored)
-    notes = [f"--{name} {_show(value)} (was {_show(old.get(name))})" for name, value in changed.items()]
+    notes = [f"{as_flag(name, value)} (was {as_flag(name, old.get(name))})" for name, value in changed.items()]
     return ResumePlan(resumed, path, completed_epochs(checkpoint), int(checkpoint.get("global_step", 0)), notes,
                       checkpoint)  # fmt: skip

@@ -134,12 +134,13 @@ def _read_lock(lock: Path) -> dict[str, Any] | None:
 
 
 def run_location_of(checkpoint: Path) -> RunLocation | None:
-    """The run folder a checkpoint lives in, when it sits at ``…/<name>/version_N/checkpoints/x.ckpt``."""
+    """The run folder a checkpoint lives in, when it sits in the folder's ``checkpoints/`` (``…/<run>/checkpoints/
+    x.ckpt``); a run folder moved or renamed elsewhere still counts."""
     ckpt_dir = checkpoint.resolve().parent
-    version_dir = ckpt_dir.parent
-    if ckpt_dir.name != "checkpoints" or not _VERSION.match(version_dir.name):
+    if ckpt_dir.name != "checkpoints":
         return None
-    return RunLocation(version_dir.parent.parent, version_dir.parent.name, version_dir.name)
+    run = ckpt_dir.parent
+    return RunLocation(run.parent.parent, run.parent.name, run.name)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
