@@ -161,7 +161,9 @@ def test_resume_with_another_arch_is_refused(tiny_folder: Path, tmp_path: Path) 
     ckpt = logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt"
     args = fit_args(tiny_folder, logs, "--ckpt_path", str(ckpt))
     args[args.index("resnet20")] = "resnet32"
-    with pytest.raises(cli.UserError, match=r"would change what it learns: --arch resnet32 \(the run.s: resnet20\)"):
+    with pytest.raises(
+        cli.UserError, match=r"would change what it learns: --arch resnet32 \(the run.s: --arch resnet20\)"
+    ):
         fit(*args)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import pickle
-import random
 import signal
 import subprocess
 import sys
@@ -88,27 +87,6 @@ def test_sigkill_after_an_epoch_then_resume_is_bitwise_identical(workers: str, t
     fit(*fit_args(tiny_folder, logs, *common, "--ckpt_path", str(last)))
     _assert_same_training_state(_load(last), whole)
     assert killed_at["callbacks"]["RNGState"]["torch"].dtype == torch.uint8, "RNG state travels in the checkpoint"
-
-
-@pytest.mark.slow
-def test_sigkill_mid_epoch_resumes_to_the_same_step_and_epoch(tiny_folder: Path, tmp_path: Path):
-    common = ("--max_epochs", "3", "--no_test", "--ckpt_every_n_steps", "1")
-    logs = tmp_path / "logs"
-    last = logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt"
-    kill_step = random.Random().randint(1, 7)  # any step; 3 steps an epoch, 9 in all
-    proc = subprocess.Popen([sys.executable, FIT, *fit_args(tiny_folder, logs, *common)], env=_env(tmp_path),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)  # fmt: skip
-    try:
-        _poll_checkpoint(last, proc, lambda c: c["global_step"] >= kill_step)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert _load(last)["global_step"] < 9, f"killed at step {kill_step}, before the end"
-    result = fit(*fit_args(tiny_folder, logs, *common, "--ckpt_path", str(last)))
-    final = _load(last)
-    assert (final["global_step"], final["epoch"]) == (9, 2), f"killed at step {kill_step}"
-    assert result["best_val_acc"] is not None
-    assert not list(last.parent.glob("*.tmp")), "no temp files left behind"
 
 
 # ---------------------------------------------------------------------------------------------- 4

@@ -95,7 +95,11 @@ def test_precision_auto_picks_bf16_on_gpus_that_have_it_and_refuses_it_where_the
 def test_every_cpu_precision_trains_and_evaluates(precision: str, tiny_folder: Path, tmp_path: Path) -> None:
     from tests.test_fit import fit, fit_args
 
-    result = fit(*fit_args(tiny_folder, tmp_path / "logs", "--max_epochs", "1", "--precision", precision))
+    result = fit(
+        *fit_args(
+            tiny_folder, tmp_path / "logs", "--max_epochs", "1", "--precision", precision, "--limit_train_batches", "1"
+        )
+    )
     assert 0.0 <= result["best_val_acc"] <= 1.0 and 0.0 <= result["test_acc"] <= 1.0
     weights = torch.load(result["last_checkpoint"], weights_only=True)["state_dict"]["model.fc.weight"]
     assert weights.dtype == {"bf16-true": torch.bfloat16, "64-true": torch.float64}.get(precision, torch.float32)
