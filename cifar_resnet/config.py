@@ -313,7 +313,11 @@ class TrainerConfig(_Options):
                               choices=("auto", "cpu", "gpu", "cuda", "mps"), on_resume="free")  # fmt: skip
     devices: int | str | list[int] = option("auto", "device count, comma list of ids, or auto", TRAINER,
                                             check=devices_value, parse=parse_devices, on_resume="free")  # fmt: skip
+    num_nodes: int = option(1, "machines the run spans; --devices counts processes per machine", TRAINER,
+                            check=positive_int, on_resume="free")  # fmt: skip
     strategy: str = option("auto", "Lightning strategy, e.g. ddp", TRAINER, check=text, on_resume="free")
+    sync_batchnorm: bool = option(False, "batch-norm statistics over all processes' batches (SyncBatchNorm), for "
+                                  "small batches per GPU", TRAINER, check=switch, on_resume="free")  # fmt: skip
     deterministic: bool = option(False, "deterministic algorithms (slower on a GPU)", TRAINER, check=switch,
                                  on_resume="free")  # fmt: skip
     limit_train_batches: float | int | None = option(

@@ -126,6 +126,7 @@ def _fit(config: FitConfig, explicit: Collection[str], command: list[str]) -> di
     config = replace(config, model=replace(config.model, num_classes=num_classes))
     model = ImageClassifier(config.model)
     rank_zero = launched_as_rank_zero()
+    new_parents = [p for p in (log_dir / config.model.arch, log_dir) if not p.exists()]  # deepest first
     location, created = _run_folder(config, plan, rank_zero)
     try:
         with StopSignals() as signals, contextlib.ExitStack() as stack:
@@ -141,6 +142,9 @@ def _fit(config: FitConfig, explicit: Collection[str], command: list[str]) -> di
         folder = location.path if location is not None else None
         if created and folder is not None and folder.is_dir() and not any(folder.rglob("*.ckpt")):
             shutil.rmtree(folder, ignore_errors=True)
+            for parent in new_parents:  # and the folders the claim created for it, when nothing else is there
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
         raise
 
 
@@ -258,7 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         result = run_fit(request.config, request.explicit | set(request.from_file), command)
     except UserError as err:
-        print(f"fit.py: error: {err}", file=sys.stderr)
+        if launched_as_rank_zero():  # every process of a multi-process run meets the same mistake: say it once
+            print(f"fit.py: error: {err}", file=sys.stderr)
         return 2
     except TrainingInterruptedError as stop:
         print(f"fit.py: {interruption_message(stop)}", file=sys.stderr, flush=True)

@@ -200,6 +200,8 @@ class ImageClassifier(L.LightningModule):
         for group in optimizer.param_groups:  # a restored optimizer holds the saved LR as a number
             group["lr"] = self._lr
         self.tally.step.fill_(self.global_step)
+        if self.trainer.world_size > 1:
+            self._announce_processes()
         use_graphs, _ = self._graphs_apply()
         self._graphed = None
         if use_graphs:
@@ -207,6 +209,18 @@ class ImageClassifier(L.LightningModule):
                 lambda images, labels: self._step(images, labels, torch.Tensor.backward, optimizer.step),
                 self.graph_backend(),
             )
+
+    def _announce_processes(self) -> None:
+        """The global batch of a multi-process run, and that the LR is used as given."""
+        world, nodes = self.trainer.world_size, self.trainer.num_nodes
+        layout = f"{nodes} nodes x {world // nodes} processes" if nodes > 1 else f"{world} processes"
+        datamodule = self.trainer.datamodule
+        batch = datamodule.config.batch_size if datamodule is not None else None
+        global_batch = f"global batch {world * batch}" if batch is not None else "global batch unknown"
+        rank_zero_info(
+            f"{layout}: batch {batch} per process, {global_batch} per step; lr {self.config.lr:g} as given "
+            "(the LR is not scaled with the number of processes)"
+        )
 
     def on_train_end(self) -> None:
         self._graphed = None  # the graph's memory pool is freed; a later fit captures anew

@@ -49,12 +49,17 @@ def _stored_config(checkpoint: dict[str, Any], given: FitConfig) -> FitConfig:
     return FitConfig.from_flat(values, base=given)
 
 
+# Options that together say which processes train; see plan_resume.
+PROCESS_LAYOUT = frozenset({"accelerator", "devices", "num_nodes", "strategy"})
+
+
 def plan_resume(config: FitConfig, explicit: Collection[str]) -> ResumePlan:
     """The run to continue, if ``--ckpt_path`` names one, with the options given now checked against it.
 
     ``explicit`` are the options the user gave (on the command line or in a config file): where one differs
     from the run's value, a "free" option (length, devices, logging, speed switches) takes the new value and
-    is announced; a "fixed" one (data, split, model, optimisation) is refused, naming them all.
+    is announced; a "fixed" one (data, split, model, optimisation) is refused, naming them all. The process layout
+    (``PROCESS_LAYOUT``) comes from the run as a whole, or, once any part of it is given, from the options given now.
     """
     ckpt = config.run.ckpt_path
     if ckpt is None:
@@ -86,6 +91,12 @@ def plan_resume(config: FitConfig, explicit: Collection[str]) -> ResumePlan:
             changed[name] = new[name]
         else:
             refused.append(f"{as_flag(name, new[name])} (the run's: {as_flag(name, old.get(name))})")
+    if explicit_layout := PROCESS_LAYOUT & set(explicit):
+        # The processes a run uses are one choice: naming part of a new layout does not keep the rest of the old one
+        # (a 2-node checkpoint resumed with --devices 1 must not still wait for a second node).
+        for name in sorted(PROCESS_LAYOUT - explicit_layout):
+            if new[name] != old.get(name):
+                changed[name] = new[name]
     if refused:
         raise UserError(
             f"{path} continues its run as it was started, and these would change what it learns: "

@@ -96,6 +96,33 @@ class EpochNamedCheckpoint(ModelCheckpoint):
         return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
 
 
+def launcher_world() -> tuple[int, int, str] | None:
+    """Processes per node, nodes, and the launcher's name, when torchrun or SLURM started this process."""
+    env = os.environ
+    if "WORLD_SIZE" in env and "LOCAL_WORLD_SIZE" in env and "TORCHELASTIC_RUN_ID" in env:
+        per_node = int(env["LOCAL_WORLD_SIZE"])
+        return per_node, max(1, int(env["WORLD_SIZE"]) // max(per_node, 1)), "torchrun"
+    if "SLURM_NTASKS" in env and "SLURM_NNODES" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        nodes = int(env["SLURM_NNODES"])
+        return max(1, int(env["SLURM_NTASKS"]) // nodes), nodes, "srun"
+    return None
+
+
+def check_launcher_world(devices: Any, num_nodes: int) -> None:
+    """Under torchrun or srun the launcher fixes the process count: the flags must describe the same count."""
+    world = launcher_world()
+    if world is None:
+        return
+    per_node, nodes, launcher = world
+    given = len(devices) if isinstance(devices, list) else devices
+    if (given not in ("auto", per_node) and given != -1) or num_nodes != nodes:
+        raise UserError(
+            f"{launcher} started {per_node * nodes} processes ({nodes} node{'s' if nodes > 1 else ''} x {per_node}), "
+            f"but --devices {given} --num_nodes {num_nodes} describe another count; pass --devices {per_node} "
+            f"--num_nodes {nodes} (--devices counts processes per node)"
+        )
+
+
 @dataclass(frozen=True)
 class Checkpoints:
     """The checkpoint callbacks of a run: the best on ``val/acc`` and ``last.ckpt`` after every epoch."""
@@ -161,9 +188,15 @@ def build_trainer(config: TrainerConfig, label: RunLabel) -> tuple[L.Trainer, Ch
         callbacks.append(progress)
     plugins: list[Any] = [BackgroundCheckpointIO()]
     if SLURMEnvironment.detect():
-        # Lightning saves an hpc checkpoint and requeues the job on SLURM's pre-emption signal.
-        plugins.append(SLURMEnvironment(auto_requeue=True))
+        # SLURM's SIGTERM (time limit, pre-emption) stops the run through GracefulInterrupt, which writes last.ckpt;
+        # a requeued job continues it with --ckpt_path auto. Lightning's own requeue would write a separate
+        # hpc checkpoint into the working directory instead.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     _check_devices(config.accelerator, config.devices)
+    check_launcher_world(config.devices, config.num_nodes)
+    if config.sync_batchnorm and not uses_cuda(config.accelerator):
+        raise UserError("--sync_batchnorm needs CUDA GPUs: torch's DistributedDataParallel refuses SyncBatchNorm on "
+                        "the CPU; leave it off here")  # fmt: skip
     precision = resolve_precision(config.precision, config.accelerator)
     if uses_cuda(config.accelerator):
         torch.backends.cudnn.benchmark = not config.deterministic
@@ -177,7 +210,9 @@ def build_trainer(config: TrainerConfig, label: RunLabel) -> tuple[L.Trainer, Ch
         trainer = L.Trainer(
             accelerator=config.accelerator,
             devices=config.devices,
+            num_nodes=config.num_nodes,
             strategy=config.strategy,
+            sync_batchnorm=config.sync_batchnorm,
             precision=precision,
             max_epochs=config.max_epochs,
             logger=logger,
