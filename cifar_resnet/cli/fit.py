@@ -72,6 +72,12 @@ def launched_as_rank_zero() -> bool:
     return True
 
 
+def say(*parts: object, **kwargs: Any) -> None:
+    """``print`` in the first process only: every process of a multi-process run goes through the same steps."""
+    if launched_as_rank_zero():
+        print(*parts, **kwargs)
+
+
 def _run_folder(config: FitConfig, plan: ResumePlan, rank_zero: bool) -> tuple[RunLocation | None, bool]:
     """The run's folder and whether this call created it: a resumed run's own, else a newly claimed one."""
     if plan.checkpoint is not None and (location := run_location_of(plan.checkpoint)) is not None:
@@ -95,21 +101,21 @@ def _fit(config: FitConfig, explicit: Collection[str], command: list[str]) -> di
     max_epochs = config.trainer.max_epochs
     if plan.checkpoint is not None:
         changed = f"; changed: {', '.join(plan.notes)}" if plan.notes else ""
-        print(f"resuming {plan.checkpoint} (epoch {plan.epochs_done} of {max_epochs} done, step {plan.step})"
+        say(f"resuming {plan.checkpoint} (epoch {plan.epochs_done} of {max_epochs} done, step {plan.step})"
               f"{changed}", flush=True)  # fmt: skip
         if plan.epochs_done >= max_epochs:
             epochs = f"{plan.epochs_done} epoch{'s' if plan.epochs_done != 1 else ''}"
-            print(f"the run is finished: {epochs} trained of --max_epochs {max_epochs}; nothing to do (raise "
+            say(f"the run is finished: {epochs} trained of --max_epochs {max_epochs}; nothing to do (raise "
                   "--max_epochs to train longer)", flush=True)  # fmt: skip
             return {"finished_already": True}
     else:
         for note in plan.notes:
-            print(note, flush=True)
+            say(note, flush=True)
     check_data_dir(config.data.data_dir, may_download=may_download)
     L.seed_everything(config.data.seed, workers=True, verbose=False)
     datamodule = CIFARDataModule(config.data)
     if config.run.describe_data:
-        print(describe_data(datamodule), flush=True)
+        say(describe_data(datamodule), flush=True)
         return {"described_data": True}
     num_classes = datamodule.num_classes
     if plan.checkpoint is not None and config.model.num_classes != num_classes:
@@ -232,7 +238,7 @@ def _report(result: dict[str, Any], config: FitConfig) -> None:
     if result.get("run_dir"):
         lines.append(f"  run folder      {result['run_dir']}")
     lines.append(f"  curves          tensorboard --logdir {config.trainer.log_dir}")
-    print("\n".join(lines), flush=True)
+    say("\n".join(lines), flush=True)
 
 
 def resume_command(checkpoint: str | Path) -> str:
@@ -262,11 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         result = run_fit(request.config, request.explicit | set(request.from_file), command)
     except UserError as err:
-        if launched_as_rank_zero():  # every process of a multi-process run meets the same mistake: say it once
-            print(f"fit.py: error: {err}", file=sys.stderr)
+        say(f"fit.py: error: {err}", file=sys.stderr)
         return 2
     except TrainingInterruptedError as stop:
-        print(f"fit.py: {interruption_message(stop)}", file=sys.stderr, flush=True)
+        say(f"fit.py: {interruption_message(stop)}", file=sys.stderr, flush=True)
         return stop.exit_code
     if not result.get("finished_already") and not result.get("described_data"):
         _report(result, request.config)

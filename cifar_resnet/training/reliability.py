@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -211,7 +212,7 @@ class StopSignals:
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
+                self._previous[signum] = signal.signal(signum, self.handle)
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -219,7 +220,7 @@ class StopSignals:
             signal.signal(signum, handler)
         self._previous = {}
 
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
+    def handle(self, signum: int, frame: FrameType | None) -> None:
         repeated = self.signum is not None
         self.signum = self.signum or signum
         if not self.training:
@@ -238,10 +239,15 @@ class GracefulInterrupt(Callback):
     ``last.ckpt`` and stops the run. Before the first step there is nothing to keep, so it stops without one.
 
     Lightning also raises its own SIGTERMException outside training batches; a checkpoint is written then too.
+    In a multi-process run the processes agree every ``sync_every`` steps whether any of them got a signal (one
+    small all-reduce; Lightning itself broadcasts rank 0's SIGTERM every step), and then all of them stop.
     """
 
-    def __init__(self, last: ModelCheckpoint | None = None, signals: StopSignals | None = None) -> None:
+    def __init__(
+        self, last: ModelCheckpoint | None = None, signals: StopSignals | None = None, sync_every: int = 10
+    ) -> None:
         self.last = last
+        self.sync_every = sync_every
         self.signals = signals or StopSignals()
         self.saved: Path | None = None
         self.signum: int | None = None
@@ -250,6 +256,22 @@ class GracefulInterrupt(Callback):
         if self.signals.signum is not None:  # came while the data was decoded or the checkpoint restored
             raise TrainingInterruptedError(self.signals.signum, None, "before training")
         self.signals.training = True
+        if trainer.world_size > 1 and threading.current_thread() is threading.main_thread():
+            # Lightning's SIGTERM handler broadcasts from inside the handler, which deadlocks when the signal
+            # lands while the processes are in another collective (a gradient all-reduce). Ours only records the
+            # signal (the processes then agree at a step, below) and, like Lightning's, passes it on to the
+            # processes this one launched. Lightning restores the handler it replaced when it tears down.
+            signal.signal(signal.SIGTERM, self._forwarding_handler(trainer))
+
+    def _forwarding_handler(self, trainer: L.Trainer) -> Callable[[int, FrameType | None], None]:
+        launcher = trainer.strategy.launcher
+
+        def handle(signum: int, frame: FrameType | None) -> None:
+            if self.signals.signum is None and launcher is not None:
+                launcher.kill(signum)
+            self.signals.handle(signum, frame)
+
+        return handle
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.signals.training = False
@@ -271,6 +293,14 @@ class GracefulInterrupt(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         signum = self.signals.signum or (signal.SIGTERM if trainer.received_sigterm else None)
+        if trainer.world_size > 1:
+            # The processes of a run stop together or not at all: one that saved while the others trained on
+            # would wait in a collective nobody else joins. They decide at the same steps, every sync_every.
+            if trainer.global_step % self.sync_every:
+                return
+            if not trainer.strategy.reduce_boolean_decision(signum is not None, all=False):
+                return
+            signum = signum or signal.SIGTERM  # the signal reached another process first
         if signum is not None:
             self._save_and_stop(trainer, signum, "during training")
 
@@ -278,6 +308,8 @@ class GracefulInterrupt(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:  # fmt: skip
+        if trainer.world_size > 1:  # processes stop together, at a training step (above)
+            return
         if self.signals.signum == signal.SIGINT and trainer.state.fn == "fit" and not trainer.sanity_checking:
             self._save_and_stop(trainer, signal.SIGINT, "during validation")
 
