@@ -13,6 +13,7 @@ COMMANDS = {
     "export": "write a checkpoint's model as TorchScript, ONNX, safetensors or a state dict",
     "plot": "draw a run's curves as PNG files",
     "summary": "print a model's layers, parameters and MACs",
+    "results": "collect finished runs' result.json into a table (mean ± std over seeds)",
     "benchmark": "measure data and training throughput",
 }
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -26,6 +28,15 @@ def atomic_torch_save(obj: object, target: Path) -> None:
 
     Temp files left by a process killed mid-write are removed by the next write to the same target.
     """
+    _atomic_write(target, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, target: Path) -> None:
+    """Write ``text`` (UTF-8) so that ``target`` is always either the old file or the complete new one."""
+    _atomic_write(target, lambda f: f.write(text.encode()))
+
+
+def _atomic_write(target: Path, write: Callable[[BinaryIO], object]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{target.name}."
     for stale in target.parent.glob(f"{prefix}*.tmp"):
@@ -33,7 +44,7 @@ def atomic_torch_save(obj: object, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=prefix, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; the file is as readable as its folder

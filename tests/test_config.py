@@ -197,6 +197,7 @@ def test_entry_points_work_after_a_non_editable_install(tmp_path: Path) -> None:
         "cifar-export": ["--help"],
         "cifar-plot": ["--help"],
         "cifar-benchmark": ["--help"],
+        "cifar-results": ["--help"],
     }
     for script, args in runs.items():
         proc = subprocess.run([str(target / "bin" / script), *args], env=env, cwd=tmp_path, capture_output=True,

@@ -25,6 +25,7 @@ from cifar_resnet.data.sources import check_data_dir
 from cifar_resnet.data.stats import describe_data
 from cifar_resnet.errors import UserError
 from cifar_resnet.training.module import ImageClassifier
+from cifar_resnet.training.records import RunClock, build_record, write_record
 from cifar_resnet.training.reliability import StopSignals, TrainingInterruptedError, sigterm_stop
 from cifar_resnet.training.resume import ResumePlan, plan_resume
 from cifar_resnet.training.runs import RunLocation, claim_run_folder, run_location_of, run_lock
@@ -219,7 +220,27 @@ def _train_and_test(
         signals.phase_done("during the final test", last)
         result["test_acc"] = float(tested[0]["test/acc"]) if tested else None
         result["test_selected_on_test"] = config.data.val_size == 0
+    if trainer.is_global_zero and location is not None:
+        result["record"] = str(_write_record(config, trainer, datamodule, result, command, location.path))
     return result
+
+
+def _write_record(
+    config: FitConfig,
+    trainer: L.Trainer,
+    datamodule: CIFARDataModule,
+    result: dict[str, Any],
+    command: list[str],
+    folder: Path,
+) -> Path:
+    """The run's ``result.json``: what a results table needs, and the command that reproduces it."""
+    clock = next(callback for callback in trainer.callbacks if isinstance(callback, RunClock))
+    device = environment.device_name(trainer.strategy.root_device)
+    if trainer.world_size > 1:
+        device = f"{trainer.world_size} x {device}"
+    data = {"dir": str(datamodule.data_dir), "fingerprint": datamodule.fingerprint, "classes": len(datamodule.classes)}
+    options = _resolved_config(config, trainer).flat()
+    return write_record(folder, build_record(options, result, clock.seconds(), device, command, data))
 
 
 def _report(result: dict[str, Any], config: FitConfig) -> None:

@@ -25,6 +25,7 @@ from cifar_resnet.training.callbacks import (
     SaveRunConfig,
     StepMetricsBar,
 )
+from cifar_resnet.training.records import RunClock
 from cifar_resnet.training.reliability import (
     BackgroundCheckpointIO,
     DivergenceStop,
@@ -172,6 +173,7 @@ def build_trainer(config: TrainerConfig, label: RunLabel) -> tuple[L.Trainer, Ch
         EpochThroughput(),
         AugmentationPreview(),
         ValidationReport(config.confusion_every_n_epochs),
+        RunClock(),
     ]
     if label.run_config is not None:
         callbacks.append(SaveRunConfig(label.run_config, label.options))

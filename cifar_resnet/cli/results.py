@@ -1,0 +1,36 @@
+"""``scripts/results.py``: the results table of run records (``result.json``), mean ± std over seeds."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from cifar_resnet.cli.common import OneLineErrorParser, run_reporting_user_errors
+from cifar_resnet.errors import UserError
+from cifar_resnet.tools.results import read_records, results_table, summarize
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineErrorParser(
+        prog="results.py",
+        description="Collect the result.json of finished runs into a table: one row per recipe, mean ± std "
+        "(sample std, n - 1) over the seeds.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("paths", nargs="*", default=["lightning_logs"], help="run folders, log folders or record files")
+    p.add_argument("--markdown", action="store_true", help="a Markdown table (for the README)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``scripts/results.py``."""
+    args = build_parser().parse_args(argv)
+
+    def work() -> int:
+        rows = summarize(read_records(args.paths))
+        if not rows:
+            raise UserError(f"no finished run's result.json under {' '.join(args.paths)}")
+        print(results_table(rows, markdown=args.markdown))
+        return 0
+
+    return run_reporting_user_errors("results.py", work)
