@@ -276,9 +276,16 @@ class ModelConfig(_Options):
 class DataConfig(_Options):
     """Where images come from, the split and the batches: what :class:`~cifar_resnet.data.CIFARDataModule` takes."""
 
+    dataset: str = option("auto", "cifar10 / cifar100: torchvision's files in --data_dir; imagefolder: "
+                          "DIR/train/<class>/*; auto: imagefolder when DIR/train exists, else cifar10", DATA,
+                          check=one_of("auto", "cifar10", "cifar100", "imagefolder"),
+                          choices=("auto", "cifar10", "cifar100", "imagefolder"))  # fmt: skip
     data_dir: str = option("./data", "DIR/train/<class>/*.png|jpg (optional DIR/test/...), or torchvision's "
-                           "CIFAR-10 in DIR (downloaded into ./data only)", DATA, check=a_path,
+                           "CIFAR-10/100 files in DIR", DATA, check=a_path,
                            on_resume="free")  # fmt: skip  # a moved folder; its contents are checked on resume
+    download: bool = option(False, "download --dataset cifar10/cifar100 into --data_dir when its files are missing "
+                            "(into the default ./data even without this)", DATA, check=switch,
+                            on_resume="free")  # fmt: skip
     val_size: int = option(5000, "training images held out for validation (stratified); 0 validates on the "
                            "test split", DATA, check=non_negative_int)  # fmt: skip
     seed: int = option(0, "seeds the weights, the split, the data order and the augmentation", DATA, check=any_int)

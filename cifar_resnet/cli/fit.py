@@ -21,7 +21,7 @@ from cifar_resnet.cli.arguments import FitRequest, config_yaml, resolve, write_h
 from cifar_resnet.cli.quiet import quiet_lightning
 from cifar_resnet.config import DataConfig, FitConfig, TrainerConfig
 from cifar_resnet.data.datamodule import CIFARDataModule, check_same_data
-from cifar_resnet.data.sources import check_data_dir
+from cifar_resnet.data.sources import check_data_dir, resolve_dataset
 from cifar_resnet.data.stats import describe_data
 from cifar_resnet.errors import UserError
 from cifar_resnet.training.module import ImageClassifier
@@ -85,7 +85,7 @@ def _run_folder(config: FitConfig, plan: ResumePlan, rank_zero: bool) -> tuple[R
 
 
 def _fit(config: FitConfig, explicit: Collection[str], command: list[str]) -> dict[str, Any]:
-    may_download = config.data.data_dir == DEFAULT_DATA_DIR
+    may_download = config.data.download or config.data.data_dir == DEFAULT_DATA_DIR
     config = absolute_paths(config)
     log_dir = Path(config.trainer.log_dir)
     if log_dir.exists() and not log_dir.is_dir():
@@ -105,7 +105,11 @@ def _fit(config: FitConfig, explicit: Collection[str], command: list[str]) -> di
     else:
         for note in plan.notes:
             print(note, flush=True)
-    check_data_dir(config.data.data_dir, may_download=may_download)
+    check_data_dir(config.data.data_dir, may_download=may_download, dataset=config.data.dataset)
+    # The run records the data set it trains on, not "auto": a resume reads the same source however the folder
+    # looks by then, and config.yaml says what was trained.
+    dataset = resolve_dataset(config.data.dataset, config.data.data_dir)
+    config = replace(config, data=replace(config.data, dataset=dataset))
     L.seed_everything(config.data.seed, workers=True, verbose=False)
     datamodule = CIFARDataModule(config.data)
     if config.run.describe_data:
