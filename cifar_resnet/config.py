@@ -338,6 +338,15 @@ class TrainerConfig(_Options):
                                 on_resume="free")  # fmt: skip
     log_dir: str = option("lightning_logs", "runs land in LOG_DIR/<arch>/version_N", OUTPUT, check=a_path,
                           on_resume="free")  # fmt: skip
+    logger: str = option("tensorboard", "where metrics, images and figures go: tensorboard event files, csv "
+                         "(metrics.csv), mlflow or wandb (the extras of the same name), all in the run folder", OUTPUT,
+                         check=one_of("tensorboard", "csv", "mlflow", "wandb"),
+                         choices=("tensorboard", "csv", "mlflow", "wandb"), on_resume="free")  # fmt: skip
+    mlflow_tracking_uri: str | None = option(None, "--logger mlflow: tracking server or store URI (default: a "
+                                             "file store in the run folder, RUN/mlruns)", OUTPUT, check=optional(text),
+                                             metavar="URI", on_resume="free")  # fmt: skip
+    wandb_project: str = option("cifar_resnet", "--logger wandb: the W&B project (WANDB_MODE=offline: no account "
+                                "needed, sync later)", OUTPUT, check=text, on_resume="free")  # fmt: skip
     progress: str = option("auto", "auto: a bar on a terminal, plain lines otherwise", OUTPUT,
                            check=one_of("auto", "bar", "lines", "none"), choices=("auto", "bar", "lines", "none"),
                            on_resume="free")  # fmt: skip

@@ -24,6 +24,7 @@ from cifar_resnet.data.datamodule import CIFARDataModule, check_same_data
 from cifar_resnet.data.sources import check_data_dir, resolve_dataset
 from cifar_resnet.data.stats import describe_data
 from cifar_resnet.errors import UserError
+from cifar_resnet.training.loggers import check_logger_package
 from cifar_resnet.training.module import ImageClassifier
 from cifar_resnet.training.reliability import StopSignals, TrainingInterruptedError, sigterm_stop
 from cifar_resnet.training.resume import ResumePlan, plan_resume
@@ -105,6 +106,7 @@ def _fit(config: FitConfig, explicit: Collection[str], command: list[str]) -> di
     else:
         for note in plan.notes:
             print(note, flush=True)
+    check_logger_package(config.trainer.logger)  # before anything is written
     check_data_dir(config.data.data_dir, may_download=may_download, dataset=config.data.dataset)
     # The run records the data set it trains on, not "auto": a resume reads the same source however the folder
     # looks by then, and config.yaml says what was trained.
@@ -235,8 +237,21 @@ def _report(result: dict[str, Any], config: FitConfig) -> None:
         lines.append(f"  resume with     {resume_command(result['last_checkpoint'])}")
     if result.get("run_dir"):
         lines.append(f"  run folder      {result['run_dir']}")
-    lines.append(f"  curves          tensorboard --logdir {config.trainer.log_dir}")
+    lines.append(f"  curves          {curves_hint(config.trainer, result.get('run_dir'))}")
     print("\n".join(lines), flush=True)
+
+
+def curves_hint(config: TrainerConfig, run: str | None) -> str:
+    """Where to look at the run's curves with its ``--logger``."""
+    if config.logger == "csv":
+        return f"python scripts/plot.py {run or config.log_dir} (from metrics.csv)"
+    if config.logger == "mlflow":
+        local = (Path(run) / "mlruns").resolve().as_uri() if run else "file:RUN/mlruns"
+        uri = config.mlflow_tracking_uri or local
+        return f"mlflow ui --backend-store-uri {uri}"
+    if config.logger == "wandb":
+        return f"the W&B project {config.wandb_project} (offline runs: wandb sync {run or 'RUN'}/wandb/offline-run-*)"
+    return f"tensorboard --logdir {config.log_dir}"
 
 
 def resume_command(checkpoint: str | Path) -> str:
