@@ -276,9 +276,16 @@ class ModelConfig(_Options):
 class DataConfig(_Options):
     """Where images come from, the split and the batches: what :class:`~cifar_resnet.data.CIFARDataModule` takes."""
 
+    dataset: str = option("auto", "cifar10 / cifar100: torchvision's files in --data_dir; imagefolder: "
+                          "DIR/train/<class>/*; auto: imagefolder when DIR/train exists, else cifar10", DATA,
+                          check=one_of("auto", "cifar10", "cifar100", "imagefolder"),
+                          choices=("auto", "cifar10", "cifar100", "imagefolder"))  # fmt: skip
     data_dir: str = option("./data", "DIR/train/<class>/*.png|jpg (optional DIR/test/...), or torchvision's "
-                           "CIFAR-10 in DIR (downloaded into ./data only)", DATA, check=a_path,
+                           "CIFAR-10/100 files in DIR", DATA, check=a_path,
                            on_resume="free")  # fmt: skip  # a moved folder; its contents are checked on resume
+    download: bool = option(False, "download --dataset cifar10/cifar100 into --data_dir when its files are missing "
+                            "(into the default ./data even without this)", DATA, check=switch,
+                            on_resume="free")  # fmt: skip
     val_size: int = option(5000, "training images held out for validation (stratified); 0 validates on the "
                            "test split", DATA, check=non_negative_int)  # fmt: skip
     seed: int = option(0, "seeds the weights, the split, the data order and the augmentation", DATA, check=any_int)
@@ -331,6 +338,15 @@ class TrainerConfig(_Options):
                                 on_resume="free")  # fmt: skip
     log_dir: str = option("lightning_logs", "runs land in LOG_DIR/<arch>/version_N", OUTPUT, check=a_path,
                           on_resume="free")  # fmt: skip
+    logger: str = option("tensorboard", "where metrics, images and figures go: tensorboard event files, csv "
+                         "(metrics.csv), mlflow or wandb (the extras of the same name), all in the run folder", OUTPUT,
+                         check=one_of("tensorboard", "csv", "mlflow", "wandb"),
+                         choices=("tensorboard", "csv", "mlflow", "wandb"), on_resume="free")  # fmt: skip
+    mlflow_tracking_uri: str | None = option(None, "--logger mlflow: tracking server or store URI (default: a "
+                                             "file store in the run folder, RUN/mlruns)", OUTPUT, check=optional(text),
+                                             metavar="URI", on_resume="free")  # fmt: skip
+    wandb_project: str = option("cifar_resnet", "--logger wandb: the W&B project (WANDB_MODE=offline: no account "
+                                "needed, sync later)", OUTPUT, check=text, on_resume="free")  # fmt: skip
     progress: str = option("auto", "auto: a bar on a terminal, plain lines otherwise", OUTPUT,
                            check=one_of("auto", "bar", "lines", "none"), choices=("auto", "bar", "lines", "none"),
                            on_resume="free")  # fmt: skip

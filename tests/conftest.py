@@ -1,8 +1,10 @@
-"""Shared fixtures: CPU only, outputs under tmp_path, generated image folders, a real CIFAR-10 subset."""
+"""Shared fixtures: CPU only, outputs under tmp_path, generated image folders and torchvision CIFAR-10/100 files, a
+real CIFAR-10 subset."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 from pathlib import Path
 
@@ -49,6 +51,62 @@ def make_image_folder(
                 noise = rng.normal(0, 40, size=(size, size, 3))
                 pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i:04d}.{ext}")
+    return root
+
+
+def write_cifar10_batches(root: Path, train_per_batch: int = 6, test_count: int = 7, seed: int = 0) -> Path:
+    """Write the five training batches, the test batch and the meta file in CIFAR-10's pickled format."""
+    from cifar_resnet.data.sources import CIFAR10_CLASSES
+
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+
+    def dump(name: str, count: int) -> None:
+        entry = {
+            "data": rng.integers(0, 256, size=(count, 3 * 32 * 32), dtype=np.uint8),
+            "labels": [int(v) for v in rng.integers(0, 10, size=count)],
+        }
+        with open(base / name, "wb") as f:
+            pickle.dump(entry, f)
+
+    for k in range(1, 6):
+        dump(f"data_batch_{k}", train_per_batch)
+    dump("test_batch", test_count)
+    with open(base / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": list(CIFAR10_CLASSES)}, f)
+    return root
+
+
+CIFAR100_TEST_NAMES = tuple(f"fine_{k:02d}" for k in range(100))  # not the real names: read back from the files
+
+
+def write_cifar100_files(root: Path, train_per_class: int = 2, test_per_class: int = 1, seed: int = 0) -> Path:
+    """Write ``cifar-100-python/{train,test,meta}`` in CIFAR-100's pickled format (as torchvision reads it): rows of
+    3072 CHW bytes, ``fine_labels`` / ``coarse_labels``, and ``fine_label_names`` in the meta file. Each class gets
+    its own colour, so the images are learnable; every class appears in both splits."""
+    base = root / "cifar-100-python"
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+
+    def dump(name: str, per_class: int) -> None:
+        labels = rng.permutation(np.repeat(np.arange(100), per_class))
+        colours = np.array([class_colour(int(k), 100) for k in labels], dtype=np.float64)
+        pixels = colours[:, :, None] + rng.normal(0, 30, size=(len(labels), 3, 32 * 32))
+        entry = {
+            "filenames": [f"{name}_{i}.png" for i in range(len(labels))],
+            "data": np.clip(pixels, 0, 255).astype(np.uint8).reshape(len(labels), 3 * 32 * 32),
+            "fine_labels": [int(v) for v in labels],
+            "coarse_labels": [int(v) // 5 for v in labels],
+        }
+        with open(base / name, "wb") as f:
+            pickle.dump(entry, f)
+
+    dump("train", train_per_class)
+    dump("test", test_per_class)
+    with open(base / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": list(CIFAR100_TEST_NAMES),
+                     "coarse_label_names": [f"coarse_{k:02d}" for k in range(20)]}, f)  # fmt: skip
     return root
 
 

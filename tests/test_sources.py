@@ -11,29 +11,7 @@ from PIL import Image
 from cifar_resnet.data import CIFARDataModule, detect_source, sources
 from cifar_resnet.data.sources import CIFAR10_CLASSES, load_cifar10, load_image_folder
 from cifar_resnet.errors import UserError
-from tests.conftest import make_image_folder
-
-
-def write_cifar10_batches(root: Path, train_per_batch: int = 6, test_count: int = 7, seed: int = 0) -> Path:
-    """Write the five training batches, the test batch and the meta file in CIFAR-10's pickled format."""
-    base = root / "cifar-10-batches-py"
-    base.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-
-    def dump(name: str, count: int) -> None:
-        entry = {
-            "data": rng.integers(0, 256, size=(count, 3 * 32 * 32), dtype=np.uint8),
-            "labels": [int(v) for v in rng.integers(0, 10, size=count)],
-        }
-        with open(base / name, "wb") as f:
-            pickle.dump(entry, f)
-
-    for k in range(1, 6):
-        dump(f"data_batch_{k}", train_per_batch)
-    dump("test_batch", test_count)
-    with open(base / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": list(CIFAR10_CLASSES)}, f)
-    return root
+from tests.conftest import make_image_folder, write_cifar10_batches
 
 
 def test_image_folder_decodes_exactly_what_pil_reads(tmp_path: Path) -> None:

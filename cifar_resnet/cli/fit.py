@@ -21,9 +21,10 @@ from cifar_resnet.cli.arguments import FitRequest, config_yaml, resolve, write_h
 from cifar_resnet.cli.quiet import quiet_lightning
 from cifar_resnet.config import DataConfig, FitConfig, TrainerConfig
 from cifar_resnet.data.datamodule import CIFARDataModule, check_same_data
-from cifar_resnet.data.sources import check_data_dir
+from cifar_resnet.data.sources import check_data_dir, resolve_dataset
 from cifar_resnet.data.stats import describe_data
 from cifar_resnet.errors import UserError
+from cifar_resnet.training.loggers import check_logger_package
 from cifar_resnet.training.module import ImageClassifier
 from cifar_resnet.training.records import RunClock, build_record, write_record
 from cifar_resnet.training.reliability import StopSignals, TrainingInterruptedError, sigterm_stop
@@ -92,7 +93,7 @@ def _run_folder(config: FitConfig, plan: ResumePlan, rank_zero: bool) -> tuple[R
 
 
 def _fit(config: FitConfig, explicit: Collection[str], command: list[str]) -> dict[str, Any]:
-    may_download = config.data.data_dir == DEFAULT_DATA_DIR
+    may_download = config.data.download or config.data.data_dir == DEFAULT_DATA_DIR
     config = absolute_paths(config)
     log_dir = Path(config.trainer.log_dir)
     if log_dir.exists() and not log_dir.is_dir():
@@ -112,7 +113,12 @@ def _fit(config: FitConfig, explicit: Collection[str], command: list[str]) -> di
     else:
         for note in plan.notes:
             say(note, flush=True)
-    check_data_dir(config.data.data_dir, may_download=may_download)
+    check_logger_package(config.trainer.logger)  # before anything is written
+    check_data_dir(config.data.data_dir, may_download=may_download, dataset=config.data.dataset)
+    # The run records the data set it trains on, not "auto": a resume reads the same source however the folder
+    # looks by then, and config.yaml says what was trained.
+    dataset = resolve_dataset(config.data.dataset, config.data.data_dir)
+    config = replace(config, data=replace(config.data, dataset=dataset))
     L.seed_everything(config.data.seed, workers=True, verbose=False)
     datamodule = CIFARDataModule(config.data)
     if config.run.describe_data:
@@ -258,8 +264,21 @@ def _report(result: dict[str, Any], config: FitConfig) -> None:
         lines.append(f"  resume with     {resume_command(result['last_checkpoint'])}")
     if result.get("run_dir"):
         lines.append(f"  run folder      {result['run_dir']}")
-    lines.append(f"  curves          tensorboard --logdir {config.trainer.log_dir}")
+    lines.append(f"  curves          {curves_hint(config.trainer, result.get('run_dir'))}")
     say("\n".join(lines), flush=True)
+
+
+def curves_hint(config: TrainerConfig, run: str | None) -> str:
+    """Where to look at the run's curves with its ``--logger``."""
+    if config.logger == "csv":
+        return f"python scripts/plot.py {run or config.log_dir} (from metrics.csv)"
+    if config.logger == "mlflow":
+        local = (Path(run) / "mlruns").resolve().as_uri() if run else "file:RUN/mlruns"
+        uri = config.mlflow_tracking_uri or local
+        return f"mlflow ui --backend-store-uri {uri}"
+    if config.logger == "wandb":
+        return f"the W&B project {config.wandb_project} (offline runs: wandb sync {run or 'RUN'}/wandb/offline-run-*)"
+    return f"tensorboard --logdir {config.log_dir}"
 
 
 def resume_command(checkpoint: str | Path) -> str:

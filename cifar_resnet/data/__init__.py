@@ -1,4 +1,4 @@
-"""CIFAR-10 data: sources decoded once to uint8 tensors, a stratified split, batch augmentation, the DataModule.
+"""CIFAR-10/100 and image-folder data: sources decoded once to uint8, a stratified split, augmentation, the DataModule.
 
 Importing this package does not import Lightning; ``CIFARDataModule`` is loaded on first use.
 """
@@ -6,12 +6,14 @@ Importing this package does not import Lightning; ``CIFARDataModule`` is loaded 
 from typing import Any
 
 from cifar_resnet.data.augment import BatchAugment, Normalize
-from cifar_resnet.data.sources import CIFAR10_MEAN, CIFAR10_STD, ImageSplit, detect_source
+from cifar_resnet.data.sources import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, ImageSplit, detect_source
 from cifar_resnet.data.split import stratified_split
 
 __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
     "BatchAugment",
     "CIFARDataModule",
     "ImageSplit",

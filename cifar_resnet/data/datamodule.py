@@ -20,12 +20,13 @@ from cifar_resnet.data.images import class_names
 from cifar_resnet.data.sources import (
     CIFAR10_MEAN,
     CIFAR10_STD,
+    TORCHVISION_SETS,
     ImageSplit,
     default_cache_dir,
-    detect_source,
-    download_cifar10,
-    load_cifar10,
+    download,
     load_image_folder,
+    load_torchvision,
+    resolve_dataset,
 )
 from cifar_resnet.data.split import interleave_by_class, stratified_split
 from cifar_resnet.errors import UserError
@@ -193,10 +194,13 @@ def check_same_data(stored: dict[str, Any], classes: list[str], fingerprint: str
 
 
 class CIFARDataModule(L.LightningDataModule):
-    """CIFAR-10 from torchvision's files or an image folder, with a stratified validation hold-out.
+    """CIFAR-10 or CIFAR-100 from torchvision's files, or an image folder, with a stratified validation hold-out.
 
-    ``data_dir/train/<class>/*`` (and optional ``data_dir/test/<class>/*``) selects the image-folder
-    source; anything else is torchvision's CIFAR-10 in ``data_dir``, downloaded in ``prepare_data``.
+    ``dataset`` picks the source: ``cifar10`` / ``cifar100`` are torchvision's files in ``data_dir``
+    (downloaded in ``prepare_data`` when missing), ``imagefolder`` is ``data_dir/train/<class>/*`` (and
+    optional ``data_dir/test/<class>/*``); ``auto`` is the image folder when ``data_dir/train`` exists, else
+    CIFAR-10. Batches are normalised with the data set's own training statistics (CIFAR-10's for image
+    folders, see :meth:`normalization_stats`).
     ``val_size`` images of the training set, stratified by class and fixed by ``seed``, validate;
     ``val_size=0`` validates on the test split instead. Batches leave the loader as uint8 and are
     augmented (training) or normalised (evaluation) after they reach their device.
@@ -215,7 +219,7 @@ class CIFARDataModule(L.LightningDataModule):
         self.config = config
         self.save_hyperparameters(as_dict(config))
         self.data_dir = Path(config.data_dir)
-        self.source = detect_source(config.data_dir)
+        self.source = resolve_dataset(config.dataset, config.data_dir)
         self.cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
         self.augment_config = AugmentConfig(
             random_resized_crop=config.random_resized_crop,
@@ -224,8 +228,9 @@ class CIFARDataModule(L.LightningDataModule):
             color_jitter=config.color_jitter,
             cutout=config.cutout,
         )
-        self.train_augment = BatchAugment(self.augment_config, CIFAR10_MEAN, CIFAR10_STD)
-        self.normalize = Normalize(CIFAR10_MEAN, CIFAR10_STD)
+        mean, std = self.normalization_stats()
+        self.train_augment = BatchAugment(self.augment_config, mean, std)
+        self.normalize = Normalize(mean, std)
         self.train_split: ImageSplit | None = None
         self.val_split: ImageSplit | None = None
         self.test_split: ImageSplit | None = None
@@ -236,29 +241,36 @@ class CIFARDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ data
 
+    def normalization_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The per-channel mean and std of the source's training images: CIFAR-10's or CIFAR-100's published
+        values; image folders use CIFAR-10's, so a folder run normalises the same whatever its split or its
+        images (and resumes of earlier folder runs stay exact); ``--describe_data`` prints a folder's own."""
+        spec = TORCHVISION_SETS.get(self.source)
+        return (spec.mean, spec.std) if spec is not None else (CIFAR10_MEAN, CIFAR10_STD)
+
     @property
     def num_classes(self) -> int:
         """Number of classes, known without decoding any image."""
-        if self.source == "cifar10":
-            return 10
+        if self.source in TORCHVISION_SETS:
+            return TORCHVISION_SETS[self.source].num_classes
         return len(class_names(self.data_dir / "train"))
 
     @property
     def has_test_split(self) -> bool:
-        return self.source == "cifar10" or (self.data_dir / "test").is_dir()
+        return self.source in TORCHVISION_SETS or (self.data_dir / "test").is_dir()
 
     def prepare_data(self) -> None:
-        """Download CIFAR-10, or decode an image folder into the cache; once per node."""
-        if self.source == "cifar10":
-            download_cifar10(self.data_dir)
+        """Download torchvision's files when missing, or decode an image folder into the cache; once per node."""
+        if self.source in TORCHVISION_SETS:
+            download(self.data_dir, self.source)
         else:
             for split in ("train", "test"):
                 if (self.data_dir / split).is_dir():
                     load_image_folder(self.data_dir / split, self.cache_dir)
 
     def _load(self, train: bool) -> ImageSplit:
-        if self.source == "cifar10":
-            return load_cifar10(self.data_dir, train=train)
+        if self.source in TORCHVISION_SETS:
+            return load_torchvision(self.data_dir, train=train, dataset=self.source)
         return load_image_folder(self.data_dir / ("train" if train else "test"), self.cache_dir)
 
     def setup(self, stage: str | None = None) -> None:
@@ -350,7 +362,7 @@ class CIFARDataModule(L.LightningDataModule):
         split: ImageSplit | None = getattr(self, f"{name}_split")
         train = name == "train"
         if split is None:
-            raise UserError(f"no test split: add {self.data_dir}/test/<class>/* or use torchvision's CIFAR-10")
+            raise UserError(f"no test split: add {self.data_dir}/test/<class>/* or use torchvision's CIFAR-10/100")
         world, rank = self._world()
         if device is None:
             device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")

@@ -99,6 +99,7 @@ def load_eval_split(trained: TrainedModel, data_dir: str | None, split: str, cac
         raise UserError(f"--ckpt_path {trained.path} does not record its data; pass --data_dir")
     datamodule = CIFARDataModule(
         data_dir=data_dir,
+        dataset=str(hp.get("dataset", "auto")),
         val_size=int(hp.get("val_size", 5000)),
         seed=int(hp.get("seed", 0)),
         cache_dir=cache_dir,

@@ -14,6 +14,8 @@ from lightning.pytorch.callbacks import Callback, ProgressBar, TQDMProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 from torchvision.utils import make_grid
 
+from cifar_resnet.training.media import MediaLog
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -51,19 +53,19 @@ class EpochThroughput(Callback):
 
 
 class AugmentationPreview(Callback):
-    """Writes a grid of augmented training images to TensorBoard when fitting starts."""
+    """Logs a grid of augmented training images when fitting starts (to each logger that takes images)."""
 
-    def __init__(self, count: int = 64) -> None:
+    def __init__(self, count: int = 64, media: MediaLog | None = None) -> None:
         self.count = count
+        self.media = media or MediaLog()
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = trainer.datamodule
-        logger = trainer.logger
-        if not trainer.is_global_zero or logger is None or not hasattr(logger.experiment, "add_image"):
+        if not self.media.wanted(trainer) or not hasattr(datamodule, "augmented_preview"):
             return
         images = datamodule.augmented_preview(self.count)
         grid = make_grid(images, nrow=8, padding=2)
-        logger.experiment.add_image("train/augmented_samples", grid, global_step=trainer.global_step)
+        self.media.image(trainer, "train/augmented_samples", grid, trainer.global_step)
 
 
 class SaveRunConfig(Callback):

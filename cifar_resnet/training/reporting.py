@@ -1,4 +1,4 @@
-"""What the model learned, in TensorBoard during fit: confusion matrix, per-class accuracy, final hparams."""
+"""What the model learned, logged during fit: confusion matrix, per-class accuracy, final hparams."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from cifar_resnet.tools.plots import confusion_figure
+from cifar_resnet.training.media import MediaLog
 
 
 def _tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
@@ -29,7 +30,10 @@ class ValidationReport(Callback):
     On a CPU, where an epoch takes minutes, that is every epoch. It is always drawn after the last epoch.
     """
 
-    def __init__(self, figure_every_n_epochs: int | None = None, figure_budget: float = 0.02) -> None:
+    def __init__(
+        self, figure_every_n_epochs: int | None = None, figure_budget: float = 0.02, media: MediaLog | None = None
+    ) -> None:
+        self.media = media or MediaLog()
         self.figure_every_n_epochs = figure_every_n_epochs
         self.figure_budget = figure_budget
         self._last_drawn: tuple[float, float] | None = None  # (when it finished, seconds it took)
@@ -65,18 +69,22 @@ class ValidationReport(Callback):
         per_class = {f"val/acc_class/{name}": float(matrix[k, k] / totals[k])
                      for k, name in enumerate(classes) if totals[k] > 0}  # fmt: skip
         trainer.logger.log_metrics(per_class, step=trainer.global_step)
-        tensorboard = _tensorboard(trainer)
         epoch = trainer.current_epoch
         last_epoch = trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs
-        if tensorboard is not None and self._figure_due(epoch, last_epoch):
+        if self.media.wanted(trainer) and self._figure_due(epoch, last_epoch):
             start = time.perf_counter()
             figure = confusion_figure(matrix, classes, f"Validation confusion matrix, epoch {epoch + 1}")
-            tensorboard.experiment.add_figure("val/confusion_matrix", figure, global_step=trainer.global_step)
+            self.media.figure(trainer, "val/confusion_matrix", figure, trainer.global_step)
             self._last_drawn = (time.perf_counter(), time.perf_counter() - start)
 
     def _log_hparams(self, trainer: L.Trainer, pl_module: L.LightningModule, metrics: dict[str, float]) -> None:
+        if not trainer.is_global_zero or not metrics:
+            return
         tensorboard = _tensorboard(trainer)
-        if tensorboard is None or not trainer.is_global_zero or not metrics:
+        for logger in trainer.loggers:  # the others logged the hyperparameters when fitting started
+            if logger is not tensorboard:
+                logger.log_metrics(metrics, step=trainer.global_step)
+        if tensorboard is None:
             return
         params: dict[str, Any] = dict(pl_module.hparams)
         if trainer.datamodule is not None and hasattr(trainer.datamodule, "hparams"):

@@ -12,7 +12,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -25,6 +24,7 @@ from cifar_resnet.training.callbacks import (
     SaveRunConfig,
     StepMetricsBar,
 )
+from cifar_resnet.training.loggers import build_logger
 from cifar_resnet.training.records import RunClock
 from cifar_resnet.training.reliability import (
     BackgroundCheckpointIO,
@@ -144,25 +144,30 @@ class RunLabel:
 
 
 def build_trainer(config: TrainerConfig, label: RunLabel) -> tuple[L.Trainer, Checkpoints]:
-    """A Trainer writing TensorBoard logs and checkpoints to ``log_dir/<arch>/version_N``.
+    """A Trainer writing ``--logger``'s logs and the checkpoints to ``log_dir/<arch>/version_N``.
 
     Resuming from a checkpoint inside such a folder reuses that folder, so curves continue in place.
     """
     location = label.location
-    logger = TensorBoardLogger(
-        save_dir=str(location.save_dir) if location else config.log_dir,
-        name=location.name if location else label.name,
-        version=location.version if location else None,
-        default_hp_metric=False,
-    )
+    logger = build_logger(config, location, label.name)
+    # Checkpoints go to the run folder whatever the logger: Lightning would put them under an MLflow store or
+    # a W&B project name (its save_dir/name/version), where neither the tools nor a resume look.
+    ckpt_dir = str(location.path / "checkpoints") if location is not None else None
     checkpoints = Checkpoints(
         best=EpochNamedCheckpoint(
-            filename=BEST_CHECKPOINT_PATTERN, monitor="val/acc", mode="max", save_top_k=1, auto_insert_metric_name=False
+            dirpath=ckpt_dir,
+            filename=BEST_CHECKPOINT_PATTERN,
+            monitor="val/acc",
+            mode="max",
+            save_top_k=1,
+            auto_insert_metric_name=False,
         ),
         # Since Lightning 2.6, save_last=True writes last.ckpt only when a top-k checkpoint is saved in the
         # same step, so an epoch that does not improve would leave last.ckpt stale. A second, unmonitored
         # callback rewrites last.ckpt after every epoch.
-        last=ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False),
+        last=ModelCheckpoint(
+            dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False
+        ),
     )
     callbacks: list[Callback] = [
         checkpoints.best,
@@ -182,7 +187,10 @@ def build_trainer(config: TrainerConfig, label: RunLabel) -> tuple[L.Trainer, Ch
         # Mid-epoch saves rewrite the same last.ckpt (a ModelCheckpoint saves per step or per epoch, not both).
         callbacks.append(
             ModelCheckpoint(
-                filename="last", every_n_train_steps=config.ckpt_every_n_steps, enable_version_counter=False
+                dirpath=ckpt_dir,
+                filename="last",
+                every_n_train_steps=config.ckpt_every_n_steps,
+                enable_version_counter=False,
             )
         )
     progress = _progress_callback(config.progress)
