@@ -1,4 +1,5 @@
-"""Policy augmentation draws an op per image with the policy's odds, reproducibly, and each op is torchvision's."""
+"""Policy augmentation draws an op per image with the policy's odds, reproducibly, and each op is torchvision's;
+MixUp / CutMix mix one λ per batch with matching soft targets."""
 
 from __future__ import annotations
 
@@ -13,10 +14,18 @@ from torchvision.transforms import v2
 from cifar_resnet.data.policies import (
     AUTOAUGMENT_CIFAR10,
     OP_NAMES,
+    MixPlan,
     PolicyAugment,
     PolicyPlan,
+    apply_mix,
+    draw_mix,
     magnitude_table,
+    mix_batch,
+    mix_throughput,
     policy_throughput,
+    sample_beta,
+    smoothed_one_hot,
+    soft_target_cross_entropy,
 )
 
 POLICIES = ("autoaugment", "randaugment", "trivialaugment")
@@ -297,3 +306,121 @@ def test_describe_names_the_policy_and_its_settings() -> None:
 
 def test_policy_throughput_reports_images_per_second() -> None:
     assert policy_throughput("trivialaugment", batch=8, iterations=2) > 0
+
+
+# ---------------------------------------------------------------------- MixUp and CutMix
+
+
+@pytest.mark.parametrize("alpha", [0.2, 1.0, 4.0])
+def test_beta_sampler_matches_torch_beta(alpha: float) -> None:
+    g = _gen(int(alpha * 10))
+    ours = torch.tensor([sample_beta(alpha, g) for _ in range(3000)], dtype=torch.float64)
+    torch.manual_seed(0)
+    reference = torch.distributions.Beta(alpha, alpha).sample((3000,)).double()
+    assert ours.min() >= 0 and ours.max() <= 1
+    assert ours.mean().item() == pytest.approx(0.5, abs=0.02)
+    assert ours.var().item() == pytest.approx(1 / (4 * (2 * alpha + 1)), rel=0.1)
+    grid = torch.linspace(0, 1, 201, dtype=torch.float64)
+    cdf = (ours[None, :] <= grid[:, None]).double().mean(1)
+    reference_cdf = (reference[None, :] <= grid[:, None]).double().mean(1)
+    assert (cdf - reference_cdf).abs().max() < 0.05, "two-sample Kolmogorov-Smirnov distance"
+
+
+def _batch(n: int = 16, classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    g = _gen(4)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def test_mixup_mixes_every_image_with_the_one_before_it() -> None:
+    images, labels = _batch()
+    plan = draw_mix(32, 32, _gen(), mixup_alpha=1.0, cutmix_alpha=0.0)
+    assert plan.kind == "mixup" and 0 < plan.lam < 1 and plan.box is None
+    mixed, targets = apply_mix(images, labels, plan, num_classes=10)
+    partner = images.roll(1, 0)
+    assert torch.allclose(mixed, plan.lam * images + (1 - plan.lam) * partner, atol=1e-6)
+    expected = plan.lam * F.one_hot(labels, 10) + (1 - plan.lam) * F.one_hot(labels.roll(1, 0), 10)
+    assert torch.allclose(targets, expected.float(), atol=1e-6)
+    assert torch.allclose(targets.sum(1), torch.ones(16))
+
+
+def test_cutmix_pastes_the_partners_box_and_weights_labels_by_area() -> None:
+    images, labels = _batch()
+    for seed in range(20):
+        plan = draw_mix(32, 32, _gen(seed), mixup_alpha=0.0, cutmix_alpha=1.0)
+        assert plan.kind == "cutmix" and plan.box is not None
+        top, bottom, left, right = plan.box
+        assert 0 <= top <= bottom <= 32 and 0 <= left <= right <= 32
+        area = (bottom - top) * (right - left) / (32 * 32)
+        assert plan.lam == pytest.approx(1 - area)
+        mixed, targets = apply_mix(images, labels, plan, num_classes=10)
+        inside = torch.zeros(32, 32, dtype=torch.bool)
+        inside[top:bottom, left:right] = True
+        assert torch.equal(mixed[..., inside], images.roll(1, 0)[..., inside])
+        assert torch.equal(mixed[..., ~inside], images[..., ~inside])
+        own = targets.gather(1, labels.view(-1, 1)).squeeze(1)
+        same_label = labels == labels.roll(1, 0)
+        assert torch.allclose(own[~same_label], torch.full_like(own[~same_label], 1 - area))
+        assert torch.allclose(targets.sum(1), torch.ones(16))
+
+
+def test_cutmix_area_is_distributed_as_torchvisions() -> None:
+    """Same Beta(1, 1) λ and box rule: the kept fraction λ has torchvision's distribution (two-sample KS)."""
+    draws = 2000
+    g = _gen()
+    ours = torch.tensor([draw_mix(32, 32, g, 0.0, 1.0).lam for _ in range(draws)])
+    torch.manual_seed(0)
+    image = torch.zeros(3, 32, 32)
+    theirs = torch.tensor([v2.CutMix(num_classes=10).make_params([image])["lam_adjusted"] for _ in range(draws)])
+    grid = torch.linspace(0, 1, 401)
+    distance = ((ours[None] <= grid[:, None]).float().mean(1) - (theirs[None] <= grid[:, None]).float().mean(1)).abs()
+    assert distance.max() < 0.07
+
+
+def test_switch_prob_picks_cutmix_that_often_and_one_alpha_picks_its_mix() -> None:
+    g = _gen()
+    kinds = [draw_mix(32, 32, g, 1.0, 1.0, switch_prob=0.3).kind for _ in range(2000)]
+    _assert_frequency(kinds.count("cutmix"), 2000, 0.3, "CutMix")
+    assert {draw_mix(32, 32, g, 0.4, 0.0).kind for _ in range(20)} == {"mixup"}
+    assert {draw_mix(32, 32, g, 0.0, 0.4).kind for _ in range(20)} == {"cutmix"}
+    assert draw_mix(32, 32, g, 0.0, 0.0) == MixPlan("none", 1.0)
+
+
+def test_mix_batch_is_reproducible_from_the_generator() -> None:
+    images, labels = _batch()
+    first = mix_batch(images, labels, 10, _gen(7), 0.8, 1.0, label_smoothing=0.1)
+    again = mix_batch(images, labels, 10, _gen(7), 0.8, 1.0, label_smoothing=0.1)
+    other = mix_batch(images, labels, 10, _gen(8), 0.8, 1.0, label_smoothing=0.1)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[1], other[1])
+
+
+def test_label_smoothing_spreads_epsilon_over_the_classes() -> None:
+    labels = torch.tensor([0, 3, 9])
+    targets = smoothed_one_hot(labels, 10, 0.1)
+    assert torch.allclose(targets.sum(1), torch.ones(3))
+    assert torch.allclose(targets[0], torch.tensor([0.91] + [0.01] * 9))
+    images, labels = _batch()
+    _, mixed = mix_batch(images, labels, 10, _gen(), 1.0, 0.0, label_smoothing=0.2)
+    assert torch.allclose(mixed.sum(1), torch.ones(16)) and mixed.min() >= 0.02 - 1e-6
+
+
+def test_mixing_reads_nothing_back_from_the_batch_device() -> None:
+    images = torch.empty(16, 3, 32, 32, device="meta")
+    labels = torch.empty(16, dtype=torch.int64, device="meta")
+    for alphas in ((1.0, 0.0), (0.0, 1.0)):
+        mixed, targets = mix_batch(images, labels, 10, _gen(), *alphas, label_smoothing=0.1)
+        assert mixed.shape == images.shape and targets.shape == (16, 10)
+
+
+def test_soft_target_cross_entropy_is_cross_entropy_on_one_hot_targets() -> None:
+    logits = torch.randn(32, 10, generator=_gen())
+    labels = torch.randint(0, 10, (32,), generator=_gen(1))
+    one_hot = F.one_hot(labels, 10).float()
+    assert torch.allclose(soft_target_cross_entropy(logits, one_hot), F.cross_entropy(logits, labels))
+    smoothed = smoothed_one_hot(labels, 10, 0.1)
+    expected = F.cross_entropy(logits, labels, label_smoothing=0.1)
+    assert torch.allclose(soft_target_cross_entropy(logits, smoothed), expected)
+
+
+def test_mix_throughput_reports_images_per_second() -> None:
+    assert mix_throughput("cutmix", batch=8, iterations=2) > 0

@@ -1,4 +1,4 @@
-"""Per-sample policy augmentation (AutoAugment, RandAugment, TrivialAugmentWide) on uint8 batches.
+"""Per-sample policy augmentation (AutoAugment, RandAugment, TrivialAugmentWide) and batch MixUp / CutMix.
 
 torchvision's v2 ``AutoAugment``, ``RandAugment`` and ``TrivialAugmentWide`` draw one op per call from the
 global RNG, so a batch passed through them gets the same op for every image; per image they run at ~6,000
@@ -25,6 +25,11 @@ Every random choice is drawn from a CPU ``torch.Generator`` by :meth:`PolicyAugm
 :class:`PolicyPlan`, so the draws are reproducible and the same on every device; :meth:`PolicyAugment.apply`
 then runs the plan with batched tensor ops on whatever device holds the batch, without reading anything back
 from it (no ``.item()``, ``nonzero`` or data-dependent shapes on the device).
+
+MixUp / CutMix (:func:`mix_batch`) draw one λ per batch, as the papers and torchvision's v2 ``MixUp`` /
+``CutMix`` do. Those two transforms draw from the global RNG (``torch.distributions.Beta.sample`` and
+``torch.randint``) and take no generator, so the few lines of mixing are written here too (and run 1.4-2x
+faster than theirs: 1.2M / 1.7M images/s for MixUp and 0.7M / 1.2M for CutMix at batch 128 / 512).
 """
 
 from __future__ import annotations
@@ -464,6 +469,148 @@ def equalize(x: torch.Tensor) -> torch.Tensor:
     return torch.where((step > 0).view(n, c, 1, 1), equalized, x)
 
 
+# ---------------------------------------------------------------------- MixUp and CutMix
+
+
+@dataclass(frozen=True)
+class MixPlan:
+    """One batch's mix: ``lam`` is the weight of each image's own label (for CutMix the area it keeps);
+    ``box`` is CutMix's ``(top, bottom, left, right)`` region pasted from the partner, None for MixUp."""
+
+    kind: Literal["mixup", "cutmix", "none"]
+    lam: float
+    box: tuple[int, int, int, int] | None = None
+
+
+def _log_gamma_sample(shape: float, gen: torch.Generator) -> float:
+    """log of a Gamma(shape, 1) draw from ``gen`` (Marsaglia & Tsang 2000; shape < 1 boosted by U^(1/shape)).
+
+    Works in logs so that tiny shapes (U^(1/shape) underflowing) still give a usable Beta ratio.
+    """
+    boost = shape < 1.0
+    d = (shape + 1.0 if boost else shape) - 1.0 / 3.0
+    c = 1.0 / math.sqrt(9.0 * d)
+    while True:
+        z = float(torch.randn((), generator=gen, dtype=torch.float64))
+        v = (1.0 + c * z) ** 3
+        if v <= 0.0:
+            continue
+        u = float(torch.rand((), generator=gen, dtype=torch.float64))
+        if u > 0.0 and math.log(u) < 0.5 * z * z + d - d * v + d * math.log(v):
+            break
+    log_sample = math.log(d * v)
+    if boost:
+        u = float(torch.rand((), generator=gen, dtype=torch.float64))
+        log_sample += math.log(max(u, 1e-300)) / shape
+    return log_sample
+
+
+def sample_beta(alpha: float, gen: torch.Generator) -> float:
+    """One draw of Beta(alpha, alpha) from the CPU generator ``gen``, as X / (X + Y) of two Gamma(alpha).
+
+    ``torch.distributions.Beta`` samples from the global RNG. ``torch._standard_gamma`` and
+    ``torch._sample_dirichlet`` do take a generator in torch 2.x but are private and undocumented, so the
+    Gamma draws are made here from the generator's public ``randn`` / ``rand``.
+    """
+    log_x, log_y = _log_gamma_sample(alpha, gen), _log_gamma_sample(alpha, gen)
+    return 1.0 / (1.0 + math.exp(min(log_y - log_x, 700.0)))
+
+
+def draw_mix(
+    height: int,
+    width: int,
+    gen: torch.Generator,
+    mixup_alpha: float,
+    cutmix_alpha: float,
+    switch_prob: float = 0.5,
+) -> MixPlan:
+    """One batch's MixUp or CutMix parameters, from the CPU generator ``gen``.
+
+    With both alphas positive CutMix is chosen with probability ``switch_prob``; with one positive, that one;
+    with neither, no mixing. CutMix's box follows torchvision's rule: a random centre, half sides
+    ``int(0.5 * sqrt(1 - λ) * size)``, clipped to the image, and λ re-set to the area the box leaves.
+    """
+    if mixup_alpha < 0 or cutmix_alpha < 0:
+        raise ValueError(f"alphas must be non-negative, got mixup {mixup_alpha}, cutmix {cutmix_alpha}")
+    if mixup_alpha > 0 and cutmix_alpha > 0:
+        use_cutmix = float(torch.rand((), generator=gen)) < switch_prob
+    elif mixup_alpha > 0 or cutmix_alpha > 0:
+        use_cutmix = cutmix_alpha > 0
+    else:
+        return MixPlan("none", 1.0)
+    if not use_cutmix:
+        return MixPlan("mixup", sample_beta(mixup_alpha, gen))
+    lam = sample_beta(cutmix_alpha, gen)
+    centre_x = int(torch.randint(width, (), generator=gen))
+    centre_y = int(torch.randint(height, (), generator=gen))
+    half = 0.5 * math.sqrt(1.0 - lam)
+    half_w, half_h = int(half * width), int(half * height)
+    left, right = max(centre_x - half_w, 0), min(centre_x + half_w, width)
+    top, bottom = max(centre_y - half_h, 0), min(centre_y + half_h, height)
+    kept = 1.0 - (right - left) * (bottom - top) / (width * height)
+    return MixPlan("cutmix", kept, (top, bottom, left, right))
+
+
+def smoothed_one_hot(labels: torch.Tensor, num_classes: int, label_smoothing: float = 0.0) -> torch.Tensor:
+    """``(N, C)`` float32 targets: ``1 - ε + ε / C`` on the label, ``ε / C`` elsewhere (no host read)."""
+    off = label_smoothing / num_classes
+    targets = torch.full((labels.shape[0], num_classes), off, device=labels.device)
+    return targets.scatter_(1, labels.view(-1, 1), 1.0 - label_smoothing + off)
+
+
+def apply_mix(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    plan: MixPlan,
+    num_classes: int,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mix each image with its partner, the image before it in the batch (the first with the last).
+
+    Rolling by one, as torchvision does, needs no random draw and never pairs an image with itself (a drawn
+    permutation has about one fixed point per batch); it relies on the batch order being random, which the
+    shuffled training sampler provides.
+    """
+    targets = smoothed_one_hot(labels, num_classes, label_smoothing)
+    if plan.kind == "none":
+        return images, targets
+    mixed_targets = torch.lerp(targets.roll(1, 0), targets, plan.lam)
+    if plan.kind == "mixup":
+        return torch.lerp(images.roll(1, 0), images, plan.lam), mixed_targets
+    assert plan.box is not None
+    top, bottom, left, right = plan.box
+    mixed = images.clone()
+    mixed[..., top:bottom, left:right] = images[..., top:bottom, left:right].roll(1, 0)
+    return mixed, mixed_targets
+
+
+def mix_batch(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    gen: torch.Generator,
+    mixup_alpha: float,
+    cutmix_alpha: float,
+    switch_prob: float = 0.5,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MixUp or CutMix of a normalised float batch with int64 labels; returns the images and ``(N, C)`` targets.
+
+    One λ per batch, drawn on the host from ``gen``: nothing is read back from the device. Train on the
+    targets with :func:`soft_target_cross_entropy`; accuracy metrics keep using the hard ``labels``.
+    """
+    plan = draw_mix(images.shape[-2], images.shape[-1], gen, mixup_alpha, cutmix_alpha, switch_prob)
+    return apply_mix(images, labels, plan, num_classes, label_smoothing)
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, soft_targets: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ``-sum(target * log_softmax(logits))``: cross-entropy with probability targets.
+
+    Computed in float32 whatever the logits' dtype, as autocast runs cross-entropy.
+    """
+    return F.cross_entropy(logits.float(), soft_targets.float())
+
+
 # ---------------------------------------------------------------------- throughput
 
 
@@ -487,5 +634,24 @@ def policy_throughput(
     start = time.perf_counter()
     for _ in range(iterations):
         augment(images, gen)
+    _synchronize(device)
+    return batch * iterations / (time.perf_counter() - start)
+
+
+def mix_throughput(
+    kind: Literal["mixup", "cutmix"], batch: int, iterations: int, device: str | torch.device = "cpu", warmup: int = 2
+) -> float:
+    """Images per second of :func:`mix_batch` with only ``kind`` on (alpha 1) on random float 32x32 batches."""
+    device = torch.device(device)
+    images = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
+    labels = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(0)).to(device)
+    alphas = (1.0, 0.0) if kind == "mixup" else (0.0, 1.0)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(warmup):
+        mix_batch(images, labels, 10, gen, *alphas)
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        mix_batch(images, labels, 10, gen, *alphas)
     _synchronize(device)
     return batch * iterations / (time.perf_counter() - start)
