@@ -203,8 +203,8 @@ class PolicyPlan:
 class PolicyAugment:
     """AutoAugment (CIFAR-10 policy), RandAugment or TrivialAugmentWide with a random op per image.
 
-    Input and output are uint8 ``(N, 3, H, W)`` batches on any device; apply it before crop, flip and
-    normalisation. ``fill`` is the value of pixels that geometric ops move in from outside the image.
+    Input and output are uint8 ``(N, 3, H, W)`` batches on any device; BatchAugment applies it after crop and
+    flip, before normalisation. ``fill`` is the value of pixels that geometric ops move in from outside the image.
     ``num_ops``, ``magnitude`` and ``num_magnitude_bins`` are RandAugment's; TrivialAugmentWide uses
     ``num_magnitude_bins`` too; AutoAugment's policy fixes its own.
     """
@@ -574,14 +574,37 @@ def apply_mix(
     targets = smoothed_one_hot(labels, num_classes, label_smoothing)
     if plan.kind == "none":
         return images, targets
-    mixed_targets = torch.lerp(targets.roll(1, 0), targets, plan.lam)
+    return mix_images(images, plan), torch.lerp(targets.roll(1, 0), targets, plan.lam)
+
+
+def mix_images(images: torch.Tensor, plan: MixPlan) -> torch.Tensor:
+    """The images of :func:`apply_mix` alone: each blended with (MixUp) or pasted into (CutMix) by its partner,
+    the image before it in the batch. The box and λ are host values: nothing is read from the device."""
+    if plan.kind == "none":
+        return images
     if plan.kind == "mixup":
-        return torch.lerp(images.roll(1, 0), images, plan.lam), mixed_targets
+        return torch.lerp(images.roll(1, 0), images, plan.lam)
     assert plan.box is not None
     top, bottom, left, right = plan.box
     mixed = images.clone()
     mixed[..., top:bottom, left:right] = images[..., top:bottom, left:right].roll(1, 0)
-    return mixed, mixed_targets
+    return mixed
+
+
+def mixed_soft_targets(
+    labels: torch.Tensor, lam: torch.Tensor, num_classes: int, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """The ``(N, C)`` targets of a mixed batch from its labels and its per-image λ ``(N,)`` as a device tensor
+    (no host read, so a CUDA graph can hold it): λ of the own smoothed one-hot plus 1 - λ of the partner's
+    (the label before it)."""
+    targets = smoothed_one_hot(labels, num_classes, label_smoothing)
+    return torch.lerp(targets.roll(1, 0), targets, lam.to(targets.dtype).view(-1, 1))
+
+
+def dominant_labels(labels: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """The label holding the larger share of each mixed image (its own when λ >= 0.5, else its partner's):
+    the argmax of the mixed target, label smoothing or not; training accuracy counts hits against it."""
+    return torch.where(lam >= 0.5, labels, labels.roll(1, 0))
 
 
 def mix_batch(
