@@ -69,6 +69,22 @@ def test_the_policy_runs_after_crop_and_flip_and_before_normalisation_and_cutout
     assert torch.equal(augment(images, torch.Generator().manual_seed(5)), expected)
 
 
+def test_augmentation_mixing_and_the_mixed_loss_read_nothing_back_from_the_batch_device(tmp_path: Path) -> None:
+    """On the meta device a tensor has no data: any read of a value, mask or data-dependent shape would raise."""
+    images = torch.empty(16, 3, 32, 32, dtype=torch.uint8, device="meta")
+    labels = torch.empty(16, dtype=torch.int64, device="meta")
+    folder = make_image_folder(tmp_path / "d", per_class={"train": 4})
+    for policy in POLICIES:
+        dm = CIFARDataModule(str(folder), policy=policy, cutout=8, mixup=1.0, cutmix=1.0, cache_dir=str(tmp_path))
+        for batch in range(4):  # batches draw MixUp or CutMix
+            mixed, _, lam = dm.training_batch(images, labels, 0, batch=batch)
+            assert mixed.device.type == "meta" and mixed.shape == images.shape and lam.shape == (16,)
+    module = ImageClassifier(arch="resnet20", num_classes=10, label_smoothing=0.1)
+    logits = torch.empty(16, 10, device="meta")
+    loss, hard = module._training_loss(logits, labels, torch.empty(16, device="meta"))
+    assert loss.shape == () and hard.shape == (16,)
+
+
 def test_mixed_targets_fold_in_label_smoothing_and_accuracy_counts_the_dominant_label() -> None:
     labels = torch.tensor([0, 1, 2, 3])
     for lam_value, dominant in ((0.7, [0, 1, 2, 3]), (0.3, [3, 0, 1, 2])):

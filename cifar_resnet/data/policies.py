@@ -308,7 +308,7 @@ class PolicyAugment:
             raise ValueError(f"the plan is for {plan.ops.shape[1]} images, the batch has {n}")
 
         orders = torch.argsort(plan.ops, dim=1, stable=True)  # (layers, n): sample ids grouped by op
-        counts = [torch.bincount(row, minlength=len(OP_NAMES)).tolist() for row in plan.ops]  # host tensors
+        counts = _op_counts(plan)
         table = _parameter_table(self.wide, self.num_bins, height, width)
         params = table[plan.ops.gather(1, orders), plan.bins.gather(1, orders), plan.negate.gather(1, orders).long()]
         # Gather indices: from the original order into layer 0's, from each layer's order into the next's,
@@ -361,6 +361,11 @@ class PolicyAugment:
         if name == "Invert":
             return 255 - x
         raise AssertionError(f"no kernel for {name}")
+
+
+def _op_counts(plan: PolicyPlan) -> list[list[int]]:
+    """Per layer, how many samples chose each op: read from the plan's host tensors, never from the batch."""
+    return [torch.bincount(row, minlength=len(OP_NAMES)).tolist() for row in plan.ops]
 
 
 def _segments(counts: list[int]) -> list[tuple[int, int]]:
