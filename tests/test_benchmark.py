@@ -123,7 +123,7 @@ def test_benchmark_recipes_times_each_policy_and_mix_and_its_share_of_a_step(
 ) -> None:
     from cifar_resnet.tools.benchmark import RECIPES
 
-    assert benchmark_main(_tiny_argv(tiny_folder, tmp_path, "--iterations", "2", "--recipes")) == 0
+    assert benchmark_main(_tiny_argv(tiny_folder, tmp_path, "--iterations", "2", "--rounds", "2", "--recipes")) == 0
     out = capsys.readouterr().out
     figures = _figures(out)
     step = figures["recipes/resnet20_training_step"]["value"]
@@ -131,7 +131,8 @@ def test_benchmark_recipes_times_each_policy_and_mix_and_its_share_of_a_step(
     assert step > 0 and base > 0 and "data/ours" not in figures, "--recipes times the recipes only"
     for name in RECIPES:
         assert figures[f"recipes/{name}"]["value"] > 0 and figures[f"recipes/{name}"]["unit"] == "images/s"
+        assert len(figures[f"recipes/{name}"]["details"]["rounds"]) == 2
         if name != "crop+flip":
             added = max(0.0, 1 / figures[f"recipes/{name}"]["value"] - 1 / base)
-            assert figures[f"recipes/{name}/share_of_step"]["value"] == pytest.approx(added / (1 / step + added))
+            assert figures[f"recipes/{name}/share_of_step"]["value"] == pytest.approx(100 * added / (1 / step + added))
     assert "| recipes/autoaugment " in out, "the table lists the figures"

@@ -245,25 +245,30 @@ def _profile_figures(plan: _Plan, args: argparse.Namespace, dm: CIFARDataModule,
                self_ms=round(op.self_ms, 3), calls=op.calls, steps=args.profile)  # fmt: skip
 
 
-def _recipe_figures(plan: _Plan, dm: CIFARDataModule, record: _Recorder) -> None:
+def _recipe_figures(plan: _Plan, dm: CIFARDataModule, rounds: int, record: _Recorder) -> None:
     """Images/s of each augmentation recipe, and the share of a training step it adds over crop and flip.
 
-    The step is the plain loop's (the first arch, with crop and flip); a recipe adds ``1/recipe - 1/baseline``
-    seconds per image to it, and its share is that over the step's seconds per image plus the addition.
+    The recipes take turns for ``rounds`` rounds and each figure is the median of its rounds, so a burst of
+    load from elsewhere hits them alike. The step is the plain loop's (the first arch, with crop and flip); a
+    recipe adds ``1/recipe - 1/baseline`` seconds per image to it, and its share is that over the step's
+    seconds per image plus the addition, in percent.
     """
     timed = max(plan.iterations, 50)
-    rates = {name: benchmark.recipe_augmentation(dm, options, plan.device, plan.warmup, timed)
-             for name, options in benchmark.RECIPES.items()}  # fmt: skip
+    measured: dict[str, list[float]] = {name: [] for name in benchmark.RECIPES}
+    for _ in range(rounds):
+        for name, options in benchmark.RECIPES.items():
+            measured[name].append(benchmark.recipe_augmentation(dm, options, plan.device, plan.warmup, timed))
+    rates = {name: statistics.median(values) for name, values in measured.items()}
     arch = plan.archs[0]
     step = benchmark.plain_training(arch, dm, plan.device, plan.precision, plan.channels_last, plan.warmup,
                                     plan.iterations)  # fmt: skip
     record(f"recipes/{arch}_training_step", step, arch=arch)
     base = rates["crop+flip"]
     for name, rate in rates.items():
-        record(f"recipes/{name}", rate, options=benchmark.RECIPES[name])
+        record(f"recipes/{name}", rate, options=benchmark.RECIPES[name], rounds=measured[name])
         if name != "crop+flip":
             added = max(0.0, 1 / rate - 1 / base)
-            record(f"recipes/{name}/share_of_step", added / (1 / step + added), "fraction", arch=arch)
+            record(f"recipes/{name}/share_of_step", 100 * added / (1 / step + added), "% of a step", arch=arch)
 
 
 def run(args: argparse.Namespace) -> list[Figure]:
@@ -285,7 +290,7 @@ def run(args: argparse.Namespace) -> list[Figure]:
           flush=True)  # fmt: skip
     record = _Recorder(plan)
     if args.recipes:
-        _recipe_figures(plan, dm, record)
+        _recipe_figures(plan, dm, args.rounds, record)
         return record.figures
     ours = _data_figures(plan, args, make_dm, dm, record)
     _training_figures(plan, args, make_dm, ours, record)
