@@ -203,6 +203,13 @@ def milestone_fractions(value: Any) -> tuple[float, ...]:
     return fractions
 
 
+def magnitude_bin(value: Any) -> int:
+    """A RandAugment magnitude: a bin of torchvision's 31."""
+    if not _is_int(value) or not 0 <= value <= 30:
+        raise ValueError(f"must be an integer from 0 to 30, got {value!r}")
+    return value
+
+
 def arch_name(value: Any) -> str:
     names = list_models()
     if value not in names:
@@ -264,6 +271,12 @@ class ModelConfig(_Options):
                                            OPTIM, check=milestone_fractions, nargs="+", metavar="F")  # fmt: skip
     gamma: float = option(0.1, "multistep: factor at each milestone", OPTIM, check=positive_float)
     warmup_epochs: float = option(0.0, "linear LR warm-up before the schedule", OPTIM, check=non_negative_float)
+    ema: float = option(0.0, "exponential moving average of the weights with this decay per step (e.g. 0.999); "
+                        "validation, checkpoints, test and exports use the average; 0 is off", OPTIM,
+                        check=below_one)  # fmt: skip
+    swa_epochs: int = option(0, "stochastic weight averaging over the last N epochs at the constant --swa_lr "
+                             "(Izmailov et al. 2018); 0 is off", OPTIM, check=non_negative_int)  # fmt: skip
+    swa_lr: float = option(0.05, "the constant LR of the SWA epochs", OPTIM, check=positive_float)
     channels_last: bool = option(True, "NHWC memory format for convolutions (faster on CUDA and on the CPU)",
                                  SPEED, check=switch, on_resume="free")  # fmt: skip
     compile: bool = option(False, "torch.compile the network (slow start, faster steps)", SPEED, check=switch,
@@ -305,6 +318,17 @@ class DataConfig(_Options):
     random_resized_crop: bool = option(False, "random resized crop (scale 0.1-1, ratio 0.5-2) before the padded "
                                        "crop", AUGMENT, check=switch)  # fmt: skip
     cutout: int = option(0, "cutout square side in pixels; 0 is off", AUGMENT, check=non_negative_int)
+    policy: str = option("none", "per-image augmentation policy after crop and flip: AutoAugment (CIFAR-10 policy), "
+                         "RandAugment or TrivialAugmentWide", AUGMENT,
+                         check=one_of("none", "autoaugment", "randaugment", "trivialaugment"),
+                         choices=("none", "autoaugment", "randaugment", "trivialaugment"))  # fmt: skip
+    randaugment_num_ops: int = option(2, "RandAugment: ops per image", AUGMENT, check=positive_int)
+    randaugment_magnitude: int = option(9, "RandAugment: magnitude bin (0-30)", AUGMENT, check=magnitude_bin)
+    mixup: float = option(0.0, "MixUp with lambda ~ Beta(ALPHA, ALPHA), one per batch; 0 is off", AUGMENT,
+                          check=non_negative_float, metavar="ALPHA")  # fmt: skip
+    cutmix: float = option(0.0, "CutMix with lambda ~ Beta(ALPHA, ALPHA), one per batch; with --mixup too, each "
+                           "batch takes one of the two with probability 0.5; 0 is off", AUGMENT,
+                           check=non_negative_float, metavar="ALPHA")  # fmt: skip
 
 
 @dataclass(frozen=True)

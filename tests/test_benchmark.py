@@ -116,3 +116,23 @@ def test_benchmark_with_more_warmup_than_batches_says_so_in_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["benchmark.py: error: an epoch has only 7 training batches, not more than --warmup 7; "
                    "lower --warmup or --batch_size"]  # fmt: skip
+
+
+def test_benchmark_recipes_times_each_policy_and_mix_and_its_share_of_a_step(
+    tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cifar_resnet.tools.benchmark import RECIPES
+
+    assert benchmark_main(_tiny_argv(tiny_folder, tmp_path, "--iterations", "2", "--rounds", "2", "--recipes")) == 0
+    out = capsys.readouterr().out
+    figures = _figures(out)
+    step = figures["recipes/resnet20_training_step"]["value"]
+    base = figures["recipes/crop+flip"]["value"]
+    assert step > 0 and base > 0 and "data/ours" not in figures, "--recipes times the recipes only"
+    for name in RECIPES:
+        assert figures[f"recipes/{name}"]["value"] > 0 and figures[f"recipes/{name}"]["unit"] == "images/s"
+        assert len(figures[f"recipes/{name}"]["details"]["rounds"]) == 2
+        if name != "crop+flip":
+            added = max(0.0, 1 / figures[f"recipes/{name}"]["value"] - 1 / base)
+            assert figures[f"recipes/{name}/share_of_step"]["value"] == pytest.approx(100 * added / (1 / step + added))
+    assert "| recipes/autoaugment " in out, "the table lists the figures"

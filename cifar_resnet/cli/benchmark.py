@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also profile STEPS training steps of the first arch and print the top operators (0: off)",
     )
     p.add_argument("--profile_trace", default=None, help="write the profile's Chrome trace to this file")
+    p.add_argument(
+        "--recipes",
+        action="store_true",
+        help="time the augmentation recipes (each policy, MixUp, CutMix) and their share of a training step of the "
+        "first arch, instead of the pipeline and training figures",
+    )
     return p
 
 
@@ -239,6 +245,32 @@ def _profile_figures(plan: _Plan, args: argparse.Namespace, dm: CIFARDataModule,
                self_ms=round(op.self_ms, 3), calls=op.calls, steps=args.profile)  # fmt: skip
 
 
+def _recipe_figures(plan: _Plan, dm: CIFARDataModule, rounds: int, record: _Recorder) -> None:
+    """Images/s of each augmentation recipe, and the share of a training step it adds over crop and flip.
+
+    The recipes take turns for ``rounds`` rounds and each figure is the median of its rounds, so a burst of
+    load from elsewhere hits them alike. The step is the plain loop's (the first arch, with crop and flip); a
+    recipe adds ``1/recipe - 1/baseline`` seconds per image to it, and its share is that over the step's
+    seconds per image plus the addition, in percent.
+    """
+    timed = max(plan.iterations, 50)
+    measured: dict[str, list[float]] = {name: [] for name in benchmark.RECIPES}
+    for _ in range(rounds):
+        for name, options in benchmark.RECIPES.items():
+            measured[name].append(benchmark.recipe_augmentation(dm, options, plan.device, plan.warmup, timed))
+    rates = {name: statistics.median(values) for name, values in measured.items()}
+    arch = plan.archs[0]
+    step = benchmark.plain_training(arch, dm, plan.device, plan.precision, plan.channels_last, plan.warmup,
+                                    plan.iterations)  # fmt: skip
+    record(f"recipes/{arch}_training_step", step, arch=arch)
+    base = rates["crop+flip"]
+    for name, rate in rates.items():
+        record(f"recipes/{name}", rate, options=benchmark.RECIPES[name], rounds=measured[name])
+        if name != "crop+flip":
+            added = max(0.0, 1 / rate - 1 / base)
+            record(f"recipes/{name}/share_of_step", 100 * added / (1 / step + added), "% of a step", arch=arch)
+
+
 def run(args: argparse.Namespace) -> list[Figure]:
     plan = _plan(args)
     if plan.on_gpu:
@@ -257,6 +289,9 @@ def run(args: argparse.Namespace) -> list[Figure]:
     print(f"# {_environment(plan.device)}; batch {batches}; precision {plan.precision}; workers {args.workers}",
           flush=True)  # fmt: skip
     record = _Recorder(plan)
+    if args.recipes:
+        _recipe_figures(plan, dm, args.rounds, record)
+        return record.figures
     ours = _data_figures(plan, args, make_dm, dm, record)
     _training_figures(plan, args, make_dm, ours, record)
     if args.profile:

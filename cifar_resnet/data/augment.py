@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from cifar_resnet.data.policies import PolicyAugment
+
 # ITU-R BT.601 luma weights, as torchvision's rgb_to_grayscale uses.
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -209,6 +211,16 @@ class AugmentConfig:
     hflip: bool = True
     color_jitter: tuple[float, float, float, float] | None = None  # brightness, contrast, saturation, hue
     cutout: int = 0  # side of the zeroed square in pixels; 0 is off
+    policy: str = "none"  # none, autoaugment, randaugment or trivialaugment
+    randaugment_num_ops: int = 2
+    randaugment_magnitude: int = 9
+
+    def policy_augment(self) -> PolicyAugment | None:
+        """The per-image policy, or None. Geometric ops fill with 0, as the crop's padding and torchvision do."""
+        if self.policy == "none":
+            return None
+        return PolicyAugment(self.policy, fill=0, num_ops=self.randaugment_num_ops,  # type: ignore[arg-type]
+                             magnitude=self.randaugment_magnitude)  # fmt: skip
 
     def describe(self) -> str:
         parts = []
@@ -218,6 +230,9 @@ class AugmentConfig:
             parts.append(f"random crop with {self.crop_padding}-pixel padding")
         if self.hflip:
             parts.append("horizontal flip")
+        policy = self.policy_augment()
+        if policy is not None:
+            parts.append(policy.describe())
         if self.color_jitter:
             parts.append(f"colour jitter (b, c, s, h) = {self.color_jitter}")
         if self.cutout:
@@ -226,20 +241,34 @@ class AugmentConfig:
 
 
 class BatchAugment(torch.nn.Module):
-    """The training transform: per-sample random augmentation of a uint8 batch, then normalisation."""
+    """The training transform: per-sample random augmentation of a uint8 batch, then normalisation.
+
+    The order is (random resized crop), crop and flip, the policy, (colour jitter), normalisation, cutout:
+    torchvision's and timm's CIFAR/ImageNet recipes put AutoAugment/RandAugment/TrivialAugment after the
+    crop and flip and before the tensor conversion, with Cutout / random erasing last, and the AutoAugment
+    paper (Cubuk et al. 2019, appendix) applies "the baseline augmentation, then the policy, then Cutout".
+    (Its TensorFlow code runs the policy before pad-crop-flip; the two differ only in whether the policy
+    sees the crop's zero border.) Cutout zeroes normalised pixels, i.e. fills with the data mean, as the
+    Cutout paper's code does. Every draw comes from ``gen``, in this order.
+    """
 
     def __init__(self, config: AugmentConfig, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.config = config
         self.norm = Normalize(mean, std)
+        self.policy = config.policy_augment()
 
     def forward(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         cfg = self.config
         if cfg.random_resized_crop:
             x = random_resized_crop(self.norm.to_unit(x), gen, cfg.rrc_scale, cfg.rrc_ratio)
+            if self.policy is not None:  # the policy's ops are defined on uint8 pixels
+                x = x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
         # Crop and flip only move pixels: on uint8 they touch a quarter of the bytes of float32.
         if cfg.crop_padding > 0 or cfg.hflip:
             x = random_crop_and_flip(x, cfg.crop_padding, 0.5 if cfg.hflip else 0.0, gen)
+        if self.policy is not None:
+            x = self.policy(x, gen)
         if cfg.color_jitter:
             x = self.norm.normalize(color_jitter(self.norm.to_unit(x), gen, *cfg.color_jitter))
         else:

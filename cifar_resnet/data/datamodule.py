@@ -15,8 +15,9 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from cifar_resnet.config import DataConfig, as_dict, upgrade_names
-from cifar_resnet.data.augment import AugmentConfig, BatchAugment, Normalize
+from cifar_resnet.data.augment import AugmentConfig, BatchAugment, Normalize, to_device
 from cifar_resnet.data.images import class_names
+from cifar_resnet.data.policies import draw_mix, mix_images
 from cifar_resnet.data.sources import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -227,6 +228,9 @@ class CIFARDataModule(L.LightningDataModule):
             hflip=config.hflip,
             color_jitter=config.color_jitter,
             cutout=config.cutout,
+            policy=config.policy,
+            randaugment_num_ops=config.randaugment_num_ops,
+            randaugment_magnitude=config.randaugment_magnitude,
         )
         mean, std = self.normalization_stats()
         self.train_augment = BatchAugment(self.augment_config, mean, std)
@@ -415,23 +419,50 @@ class CIFARDataModule(L.LightningDataModule):
         return torch.Generator().manual_seed(seed % (2**63))
 
     def augment_batch(self, images: torch.Tensor, epoch: int, rank: int = 0, batch: int = 0) -> torch.Tensor:
-        """The training transform of one batch."""
+        """The training transform of one batch (without MixUp / CutMix, which need the labels)."""
         return self.train_augment(images, self.augmentation_generator(epoch, rank, batch))
+
+    @property
+    def mixes(self) -> bool:
+        """Whether training batches are mixed (MixUp or CutMix)."""
+        return self.config.mixup > 0 or self.config.cutmix > 0
+
+    def training_batch(
+        self, images: torch.Tensor, labels: torch.Tensor, epoch: int, rank: int = 0, batch: int = 0
+    ) -> tuple[torch.Tensor, ...]:
+        """The training transform of one batch: ``(images, labels)``, and with MixUp / CutMix on, ``(images,
+        labels, lam)`` where ``lam`` is a float32 device tensor holding, per image, the weight of its own label
+        (its partner is the image before it; one λ per batch, repeated so the batch has one length). λ and
+        CutMix's box are drawn on the host from the batch's generator after the augmentation's draws, so a
+        resumed run mixes each batch as the uninterrupted one did.
+        """
+        gen = self.augmentation_generator(epoch, rank, batch)
+        images = self.train_augment(images, gen)
+        if not self.mixes:
+            return images, labels
+        plan = draw_mix(images.shape[-2], images.shape[-1], gen, self.config.mixup, self.config.cutmix)
+        lam = to_device(torch.full((images.shape[0],), plan.lam, dtype=torch.float32), images.device)
+        return mix_images(images, plan), labels, lam
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, labels = batch
         trainer = self.trainer
         if trainer is not None and trainer.training:
             position = self._train_loader.position if self._train_loader is not None else 0
-            return self.augment_batch(images, trainer.current_epoch, trainer.global_rank, position), labels
+            return self.training_batch(images, labels, trainer.current_epoch, trainer.global_rank, position)
         return self.normalize(images), labels
 
     def augmented_preview(self, count: int = 64, seed: int = 0) -> torch.Tensor:
-        """The first ``count`` training images augmented as in training, in [0, 1] for display."""
+        """The first ``count`` training images augmented (policy and mixing included) as in training, in [0, 1]
+        for display."""
         assert self.train_split is not None, "call setup() first"
         images = self.train_split.images[:count]
         gen = torch.Generator().manual_seed(seed)
-        return self.normalize.denormalize(self.train_augment(images, gen))
+        augmented = self.train_augment(images, gen)
+        if self.mixes:
+            plan = draw_mix(images.shape[-2], images.shape[-1], gen, self.config.mixup, self.config.cutmix)
+            augmented = mix_images(augmented, plan)
+        return self.normalize.denormalize(augmented)
 
     def describe(self) -> str:
         """One line naming the source, the split sizes and the augmentation."""
@@ -439,5 +470,10 @@ class CIFARDataModule(L.LightningDataModule):
         for name in ("train", "val", "test"):
             split = getattr(self, f"{name}_split")
             parts.append(f"{name}={len(split) if split is not None else 'none'}")
-        parts.append(f"augment: {self.augment_config.describe()}")
+        mixing = [
+            f"{name} alpha {alpha:g}"
+            for name, alpha in (("MixUp", self.config.mixup), ("CutMix", self.config.cutmix))
+            if alpha > 0
+        ]
+        parts.append(f"augment: {', '.join([self.augment_config.describe(), *mixing])}")
         return ", ".join(parts)

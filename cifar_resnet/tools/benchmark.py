@@ -7,6 +7,7 @@ the device is synchronised before each clock read, so queued work is counted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import statistics
@@ -88,6 +89,42 @@ def our_pipeline(dm: CIFARDataModule, device: torch.device, warmup: int, iterati
         images = images.to(device, non_blocking=True)
         dm.augment_batch(images, epoch=0)
         return labels.shape[0]
+
+    return _time_iterations(step, warmup, iterations, device)
+
+
+# The augmentation recipes scripts/benchmark.py --recipes times, as DataConfig options over the defaults
+# (4-pixel crop and flip): the baseline, each policy, and MixUp / CutMix at alpha 1.
+RECIPES: dict[str, dict[str, Any]] = {
+    "crop+flip": {},
+    "autoaugment": {"policy": "autoaugment"},
+    "randaugment": {"policy": "randaugment"},
+    "trivialaugment": {"policy": "trivialaugment"},
+    "mixup": {"mixup": 1.0},
+    "cutmix": {"cutmix": 1.0},
+    "trivialaugment+cutout16+mixup+cutmix": {"policy": "trivialaugment", "cutout": 16, "mixup": 1.0, "cutmix": 1.0},
+}
+
+
+def recipe_augmentation(
+    dm: CIFARDataModule, options: dict[str, Any], device: torch.device, warmup: int, iterations: int, batches: int = 8
+) -> float:
+    """Images per second of the training transform with ``options`` (``training_batch``: augmentation, the
+    policy, and MixUp / CutMix with their per-batch draws) on ``batches`` real training batches held on
+    ``device``, as a run with the data on the device has them."""
+    assert dm.train_split is not None, "call setup() first"
+    variant = CIFARDataModule(dataclasses.replace(dm.config, **options))
+    size = dm.config.batch_size
+    count = min(batches, len(dm.train_split) // size)
+    images = dm.train_split.images[: count * size].to(device).view(count, size, *dm.train_split.images.shape[1:])
+    labels = dm.train_split.labels[: count * size].to(device).view(count, size)
+    taken = [0]
+
+    def step() -> int:
+        index = taken[0] % count
+        variant.training_batch(images[index], labels[index], epoch=0, batch=taken[0])
+        taken[0] += 1
+        return size
 
     return _time_iterations(step, warmup, iterations, device)
 

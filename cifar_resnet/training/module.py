@@ -10,12 +10,16 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MaxMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from cifar_resnet.config import ModelConfig, as_dict, upgrade_names
+from cifar_resnet.data.policies import dominant_labels, mixed_soft_targets, soft_target_cross_entropy
+from cifar_resnet.errors import UserError
 from cifar_resnet.models import create_model
+from cifar_resnet.training.averaging import averaging_callback
 from cifar_resnet.training.schedule import LRSchedule
 from cifar_resnet.training.step import (
     IMAGES,
@@ -54,6 +58,8 @@ class ImageClassifier(L.LightningModule):
             config = dataclasses.replace(config or ModelConfig(), **upgrade_names(options))
         except TypeError as err:  # an unknown keyword
             raise TypeError(f"ImageClassifier: {err}; see cifar_resnet.config.ModelConfig") from None
+        if config.ema > 0 and config.swa_epochs > 0:
+            raise UserError("--ema and --swa_epochs are two kinds of weight averaging: choose one")
         self.config = config
         self.save_hyperparameters(as_dict(config))  # plain values: checkpoints load with weights_only=True
         self.automatic_optimization = False
@@ -111,22 +117,37 @@ class ImageClassifier(L.LightningModule):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype, cache_enabled=False)
 
+    def _training_loss(
+        self, logits: torch.Tensor, labels: torch.Tensor, lam: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss of a training batch and the hard labels its accuracy counts against.
+
+        A mixed batch (``lam``: its λ as a device tensor) trains on soft targets, label smoothing folded in, and
+        counts hits against each image's dominant label. Whether a batch is mixed is fixed for a run, so the
+        branch is on the batch's structure, never on its values.
+        """
+        if lam is None:
+            return self._loss(logits, labels), labels
+        targets = mixed_soft_targets(labels, lam, logits.shape[1], self.config.label_smoothing)
+        return soft_target_cross_entropy(logits, targets), dominant_labels(labels, lam)
+
     def _step(
         self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
+        batch: tuple[torch.Tensor, ...],
         backward: Callable[[torch.Tensor], None],
         optimizer_step: Callable[[], Any],
     ) -> None:
-        """One whole optimizer step. Gradients are zeroed, not dropped, so their storage stays in place."""
+        """One whole optimizer step on ``(images, labels)`` or ``(images, labels, lam)``. Gradients are zeroed,
+        not dropped, so their storage stays in place."""
+        images, labels, *mix = batch
         optimizer = self._optimizer()
         optimizer.zero_grad(set_to_none=False)
         with self._autocast():
             logits = self(images)
-            loss = self._loss(logits, labels)
+            loss, hard_labels = self._training_loss(logits, labels, mix[0] if mix else None)
         backward(loss)
         optimizer_step()
-        self.tally.update(loss, logits, labels)
+        self.tally.update(loss, logits, hard_labels)
         self._last_loss = loss
 
     def _optimizer(self) -> torch.optim.Optimizer:
@@ -155,16 +176,15 @@ class ImageClassifier(L.LightningModule):
         progress.increment_ready()
         progress.increment_completed()
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        images, labels = batch
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         step = self.global_step
         lr = self._set_lr(step)
         if self._graphed is not None:
-            self._graphed(images, labels)
+            self._graphed(*batch)
             self._count_optimizer_step()
         else:
             lightning_optimizer = self.optimizers()
-            self._step(images, labels, self.manual_backward, lightning_optimizer.step)
+            self._step(tuple(batch), self.manual_backward, lightning_optimizer.step)
         self._log_step_scalars(step, lr, last_of_epoch=batch_idx + 1 == self.trainer.num_training_batches)
 
     def _set_lr(self, step: int) -> float:
@@ -206,7 +226,7 @@ class ImageClassifier(L.LightningModule):
         self._graphed = None
         if use_graphs:
             self._graphed = GraphedStep(
-                lambda images, labels: self._step(images, labels, torch.Tensor.backward, optimizer.step),
+                lambda *batch: self._step(batch, torch.Tensor.backward, optimizer.step),
                 self.graph_backend(),
             )
 
@@ -227,15 +247,27 @@ class ImageClassifier(L.LightningModule):
 
     def _make_schedule(self) -> LRSchedule:
         hp = self.config
-        return LRSchedule.for_run(
-            hp.lr,
-            int(self.trainer.estimated_stepping_batches),
-            self.trainer.max_epochs or 1,
-            hp.warmup_epochs,
-            hp.schedule,
-            tuple(hp.milestones),
-            hp.gamma,
-        )
+        try:
+            return LRSchedule.for_run(
+                hp.lr,
+                int(self.trainer.estimated_stepping_batches),
+                self.trainer.max_epochs or 1,
+                hp.warmup_epochs,
+                hp.schedule,
+                tuple(hp.milestones),
+                hp.gamma,
+                hp.swa_epochs,
+                hp.swa_lr,
+            )
+        except ValueError as err:
+            raise UserError(str(err)) from None
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The weight averaging the options ask for (``--ema``, ``--swa_epochs``), added to the trainer's."""
+        if self.trainer.state.fn != TrainerFn.FITTING:  # a test after the fit reads the averaged checkpoint
+            return []
+        averaging = averaging_callback(self.config.ema, self.config.swa_epochs)
+        return [averaging] if averaging is not None else []
 
     def on_train_epoch_start(self) -> None:
         # A mid-epoch checkpoint carries the epoch's partial sums; any other start begins from zero.

@@ -96,42 +96,42 @@ class CUDAGraphBackend:
 
 
 class GraphedStep:
-    """Runs ``step(images, labels)`` eagerly ``warmup`` times, then captures it once and replays it.
+    """Runs ``step(*batch)`` eagerly ``warmup`` times, then captures it once and replays it.
 
     ``step`` must run the whole optimizer step and write only tensors whose storage stays in place (it
-    zeroes gradients rather than dropping them). The capture records on static copies of the batch; each
-    later call copies its batch into them and replays. Capturing does not run the step, so the capturing
-    call replays right after. Batches must keep their shape (the training loader drops the last short batch).
+    zeroes gradients rather than dropping them). The capture records on static copies of the batch's tensors
+    (images, labels, and a mixed batch's λ); each later call copies its batch into them and replays.
+    Capturing does not run the step, so the capturing call replays right after. Batches must keep their
+    shapes (the training loader drops the last short batch).
     """
 
-    def __init__(
-        self, step: Callable[[torch.Tensor, torch.Tensor], None], backend: GraphBackend, warmup: int = 3
-    ) -> None:
+    def __init__(self, step: Callable[..., None], backend: GraphBackend, warmup: int = 3) -> None:
         self.step = step
         self.backend = backend
         self.warmup = warmup
         self.eager_calls = 0
-        self.static: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.static: tuple[torch.Tensor, ...] | None = None
 
     @property
     def captured(self) -> bool:
         return self.static is not None
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+    def __call__(self, *batch: torch.Tensor) -> None:
         if self.static is None:
             if self.eager_calls < self.warmup:
                 self.eager_calls += 1
-                self.backend.warmup(lambda: self.step(images, labels))
+                self.backend.warmup(lambda: self.step(*batch))
                 return
-            static = (images.clone(), labels.clone())
+            static = tuple(t.clone() for t in batch)
             self.backend.capture(lambda: self.step(*static))
             self.static = static
         else:
-            if images.shape != self.static[0].shape or labels.shape != self.static[1].shape:
+            shapes = [tuple(t.shape) for t in batch]
+            if shapes != [tuple(t.shape) for t in self.static]:
                 raise RuntimeError(
-                    f"a captured training step needs batches of one shape: got {tuple(images.shape)}, "
+                    f"a captured training step needs batches of one shape: got {shapes[0]}, "
                     f"captured {tuple(self.static[0].shape)}"
                 )
-            self.static[0].copy_(images)
-            self.static[1].copy_(labels)
+            for target, source in zip(self.static, batch, strict=True):
+                target.copy_(source)
         self.backend.replay()
