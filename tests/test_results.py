@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from cifar_resnet.cli import results as results_cli
 from cifar_resnet.config import FitConfig
@@ -72,8 +73,11 @@ def test_a_fit_writes_its_record_and_a_resumed_run_adds_to_its_wall_time(tiny_fo
     assert record["data"]["classes"] == 3 and record["data"]["fingerprint"]
 
     last = logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt"
+    kept = torch.load(last, weights_only=True)["callbacks"]["RunClock"]["seconds"]  # the time up to that save
+    assert 0 < kept <= record["wall_time_s"] + 0.05
     fit(*fit_args(tiny_folder, logs, "--max_epochs", "2", "--seed", "3"), "--ckpt_path", str(last))
     resumed = json.loads(record_path.read_text())
-    assert resumed["epochs"] == 2 and resumed["wall_time_s"] > record["wall_time_s"], "the second fit adds its time"
+    assert resumed["epochs"] == 2 and resumed["wall_time_s"] > round(kept, 1), "the second fit adds its time"
+    assert torch.load(last, weights_only=True)["callbacks"]["RunClock"]["seconds"] > kept
     (row,) = summarize(read_records([logs]))
     assert (row.n, row.epochs, row.seeds) == (1, 2, [3])

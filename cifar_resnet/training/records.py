@@ -26,8 +26,9 @@ RECORD_VERSION = 1
 class RunClock(Callback):
     """Wall time of a run's fits, kept in its checkpoints so that a resumed run adds to it.
 
-    Counted from the start of fitting (data set up, model placed) to the end of the last epoch: the time a
-    user waits for a trained model, validation and checkpoint writes included, the final test not.
+    Counted from the start of fitting (data set up, model placed) to the end of fitting: the time a user waits
+    for a trained model, validation and checkpoint writes included, the final test not. A checkpoint holds the
+    time up to its own writing, so an interrupted fit counts up to its last checkpoint.
     """
 
     def __init__(self) -> None:
