@@ -111,8 +111,10 @@ def test_sigterm_and_ctrl_c_save_print_how_to_resume_and_exit_non_zero(
     assert proc.returncode == code, err
     assert "Traceback" not in err
     name = signal.Signals(signum).name
-    assert f"fit.py: stopped by {name} during training, checkpoint written; resume with: python scripts/fit.py " \
-           f"--ckpt_path {last}" in err  # fmt: skip
+    # Epochs of 3 steps spend much of their time validating: Ctrl-C may land there, and also stops at once there.
+    phases = ("during training", "during validation") if signum == signal.SIGINT else ("during training",)
+    assert any(f"fit.py: stopped by {name} {phase}, checkpoint written; resume with: python scripts/fit.py "
+               f"--ckpt_path {last}" in err for phase in phases), err  # fmt: skip
     saved = _load(last)
     assert 2 <= saved["global_step"] < 150
     if signum == signal.SIGTERM:  # and it resumes: the run finishes its 50 epochs from there

@@ -65,9 +65,10 @@ class LRSchedule:
         """The schedule of a run of ``total_steps`` optimizer steps over ``epochs`` epochs, the last ``swa_epochs``
         of them at ``swa_lr``."""
         total_steps = max(1, int(total_steps))
-        steps_per_epoch = total_steps / max(1, epochs)
+        epochs = max(1, epochs)  # Lightning's max_epochs is -1 when a run is bounded by max_steps
+        steps_per_epoch = total_steps / epochs
         warmup = min(total_steps - 1, round(warmup_epochs * steps_per_epoch))
-        swa_steps = round(min(swa_epochs, epochs) * steps_per_epoch)
+        swa_steps = round(min(max(0, swa_epochs), epochs) * steps_per_epoch)
         if swa_steps and swa_steps >= total_steps - warmup:
             raise ValueError(f"--swa_epochs {swa_epochs} of {epochs} epochs leave no epoch for the schedule before SWA")
         return cls(peak_lr, total_steps, max(0, warmup), name, tuple(milestones), gamma, swa_steps, swa_lr)
