@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from cifar_resnet.cli import summary as summary_cli
 from cifar_resnet.cli.summary import format_layer_table, format_model_rows
 from cifar_resnet.models import create_model, list_models
 from cifar_resnet.models.summary import ModelRow, count_macs, count_params, layer_table, model_rows
@@ -126,20 +125,28 @@ def test_script_main_in_process(capsys: pytest.CaptureFixture[str]) -> None:
     assert "final_act.bn" in out and "params: 269,722" in out and "MACs:   40.55 M" in out
 
 
-def test_script_subprocess_arch() -> None:
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--arch", "resnet20"], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert "layer3" in proc.stdout
-    assert "params: 269,722" in proc.stdout
-    assert "MACs:   40.55 M" in proc.stdout
+def _summary_main(argv: list[str]) -> int:
+    """The script's entry point in-process (the installed command runs in test_config's install test)."""
+    try:
+        return summary_cli.main(argv)
+    except SystemExit as exit_:  # argparse's own errors
+        return int(exit_.code or 0)
 
 
-def test_script_unknown_arch_exits_2_with_one_line() -> None:
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--arch", "resnet19"], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
+def test_script_arch(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _summary_main(["--arch", "resnet20"]) == 0
+    out = capsys.readouterr().out
+    assert "layer3" in out
+    assert "params: 269,722" in out
+    assert "MACs:   40.55 M" in out
+
+
+def test_script_unknown_arch_exits_2_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _summary_main(["--arch", "resnet19"]) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    lines = captured.err.strip().splitlines()
     assert len(lines) == 1
     assert "resnet19" in lines[0]
     assert all(name in lines[0] for name in list_models())
-    assert proc.stdout == ""
+    assert captured.out == ""
