@@ -31,7 +31,7 @@ _NOT_APPLICABLE = (
     r"Checkpoint directory .* exists and is not empty",  # a resumed run continues its own folder
     r"The `srun` command is available on your system but is not used",  # a SLURM hint on login nodes
     # Epoch figures that are already equal on every process: training sums are all-reduced by the module, the
-    # best accuracy follows the synced val/acc, throughput is each process's own.
+    # best accuracy follows the synced val/acc, throughput is already scaled to all processes.
     r"It is recommended to use `self\.log\('(train/(loss|acc|acc_top5|images_per_sec)|val/acc_best)'",
 )
 
