@@ -221,6 +221,18 @@ def test_ema_weights_are_the_ones_validated_checkpointed_and_tested(real: Path, 
     assert state and all(torch.equal(state[k], averaged[k]) for k in weights)
 
 
+def test_every_swa_epoch_validates_its_own_average_and_the_last_one_is_kept(real: Path, tmp_path: Path) -> None:
+    """Lightning validates an epoch before its epoch-end hooks: the average must be updated before that."""
+    result = fit(*fit_args(real, tmp_path / "logs", "--val_size", "10", "--max_epochs", "3", "--swa_epochs", "2",
+                           "--swa_lr", "0.01", "--no_test"))  # fmt: skip
+    last = torch.load(result["last_checkpoint"], map_location="cpu", weights_only=True)
+    assert int(last["averaging_state"]["n_averaged"]) == 2, "the ends of epochs 2 and 3 averaged"
+    logged = sorted(dict(scalars(Path(result["run_dir"]))["val/loss"]).items())
+    assert len(logged) == 3 and logged[1][1] != pytest.approx(logged[2][1], rel=1e-6), "each epoch its own average"
+    hyper = last["hyper_parameters"]
+    assert _validate(last["state_dict"], hyper, real, tmp_path) == pytest.approx(logged[2][1], rel=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- resume
 
 

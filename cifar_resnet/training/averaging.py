@@ -73,8 +73,8 @@ class EMA(_Averaging, EMAWeightAveraging):
 
 
 class SWA(_Averaging):
-    """Stochastic weight averaging (Izmailov et al. 2018): the equal average of the weights at the end of each
-    of the run's last ``epochs`` epochs, trained at a constant LR (the schedule's part, see ``LRSchedule``).
+    """Stochastic weight averaging (Izmailov et al. 2018): the equal average of the weights after the last step of
+    each of the run's last ``epochs`` epochs, trained at a constant LR (the schedule's part, see ``LRSchedule``).
 
     Lightning's ``StochasticWeightAveraging`` callback is not used: it replaces the LR schedulers it finds in
     the trainer with ``SWALR``, and this module has none (its LR is a closed form written into a tensor).
@@ -96,7 +96,13 @@ class SWA(_Averaging):
         return max(0, (self._trainer.max_epochs or 1) - self.epochs)
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
-        return epoch_idx is not None and epoch_idx >= self.first_epoch()
+        # At the epoch's last optimizer step rather than at the epoch's end: Lightning validates an epoch before
+        # its on_train_epoch_end, so an epoch-end update would reach validation one epoch late (the last
+        # average would never be validated, checkpointed as best or tested).
+        trainer = self._trainer
+        if step_idx is None or trainer is None or not trainer.is_last_batch:
+            return False
+        return trainer.current_epoch >= self.first_epoch()
 
 
 def averaging_callback(ema: float, swa_epochs: int) -> WeightAveraging | None:
