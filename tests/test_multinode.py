@@ -202,6 +202,13 @@ def test_srun_task_counts_are_checked_the_same_way(monkeypatch: pytest.MonkeyPat
         monkeypatch.delenv(name)
     assert os.environ.get("SLURM_NTASKS") is None
     check_launcher_world(8, 1)  # no launcher: Lightning starts the processes itself
+    for name in ("MASTER_ADDR", "NODE_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(UserError, match="--num_nodes 2 needs the other machines' processes: start the command"):
+        check_launcher_world(1, 2)  # nothing would start the second node: refused rather than waited for
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.setenv("NODE_RANK", "1")
+    check_launcher_world(1, 2)  # Lightning's own multi-node set-up by environment variables
 
 
 def test_sigterm_to_every_process_of_a_ddp_run_writes_one_checkpoint_and_it_resumes(

@@ -113,6 +113,12 @@ def check_launcher_world(devices: Any, num_nodes: int) -> None:
     """Under torchrun or srun the launcher fixes the process count: the flags must describe the same count."""
     world = launcher_world()
     if world is None:
+        if num_nodes > 1 and not ("MASTER_ADDR" in os.environ and "NODE_RANK" in os.environ):
+            # Lightning would wait (for 30 minutes, past SIGTERM) for nodes that nothing starts.
+            raise UserError(
+                f"--num_nodes {num_nodes} needs the other machines' processes: start the command on every machine "
+                "with torchrun (--nnodes, --node_rank) or srun, or set MASTER_ADDR, MASTER_PORT and NODE_RANK on each"
+            )
         return
     per_node, nodes, launcher = world
     given = len(devices) if isinstance(devices, list) else devices
