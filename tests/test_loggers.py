@@ -52,7 +52,10 @@ def test_csv_logger_writes_metrics_csv_that_plot_reads_and_a_resume_continues(
 
     # A resume continues the same metrics.csv (Lightning's CSV writer would delete it).
     more = ["--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--max_epochs", "3", "--no_test"]
+    capsys.readouterr()
     assert fit_cli.main(more) == 0
+    curves = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("curves")]
+    assert curves == [f"  curves          python scripts/plot.py {run} (from metrics.csv)"], "the run's own logger"
     series = read_scalars(run)
     assert [step for step, _ in series["train/lr"]] == list(range(9)), "steps of all three epochs, in one file"
     assert len(series["val/acc"]) == 3

@@ -207,6 +207,8 @@ def _train_and_test(
     signals.phase_done("after training, before the final test", last)  # a signal in the last validation
 
     result: dict[str, Any] = {"run_dir": str(run_dir(trainer)) if run_dir(trainer) else None}
+    # The run's own logger and folders: a resumed run takes them from its checkpoint, not from the command line.
+    result["curves"] = curves_hint(config.trainer, result["run_dir"])
     if config.trainer.fast_dev_run:
         return result
     best_path, best_score = checkpoints.best.best_model_path, checkpoints.best.best_model_score
@@ -264,7 +266,7 @@ def _report(result: dict[str, Any], config: FitConfig) -> None:
         lines.append(f"  resume with     {resume_command(result['last_checkpoint'])}")
     if result.get("run_dir"):
         lines.append(f"  run folder      {result['run_dir']}")
-    lines.append(f"  curves          {curves_hint(config.trainer, result.get('run_dir'))}")
+    lines.append(f"  curves          {result.get('curves') or curves_hint(config.trainer, result.get('run_dir'))}")
     say("\n".join(lines), flush=True)
 
 
