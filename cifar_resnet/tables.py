@@ -20,7 +20,8 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]], markdown:
             lines.append("  ".join(parts).rstrip())
         if r == 0:
             if markdown:
-                rules = ["-" * (w - 1) + ":" if numeric[i] else "-" * w for i, w in enumerate(widths)]
+                # Markdown wants at least one '-' in every rule cell, so a one-character column gets "-:".
+                rules = ["-" * max(w - 1, 1) + ":" if numeric[i] else "-" * w for i, w in enumerate(widths)]
                 lines.append("| " + " | ".join(rules) + " |")
             else:
                 lines.append("  ".join("-" * w for w in widths))

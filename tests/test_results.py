@@ -47,6 +47,8 @@ def test_runs_that_differ_only_by_seed_make_one_row_with_mean_sample_std_and_n(t
     assert results_cli.main([str(tmp_path), "--markdown"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[1].startswith("| ---") and "`python scripts/fit.py --config he2015 --seed 0`" in out
+    rules = out.splitlines()[1].strip("|").split("|")
+    assert all("-" in cell for cell in rules), f"every Markdown rule cell needs a '-': {rules}"  # the n column too
 
 
 def test_results_script_says_what_is_wrong_in_one_line(tmp_path: Path, capsys) -> None:
@@ -54,9 +56,12 @@ def test_results_script_says_what_is_wrong_in_one_line(tmp_path: Path, capsys) -
     assert results_cli.main([str(tmp_path)]) == 2
     (tmp_path / "result.json").write_text("{not json")
     assert results_cli.main([str(tmp_path)]) == 2
+    (tmp_path / "result.json").write_text(json.dumps({"best_val_acc": "abc", "options": {}}))
+    assert results_cli.main([str(tmp_path)]) == 2
     lines = capsys.readouterr().err.splitlines()
-    assert [line.split(":")[0] for line in lines] == ["results.py"] * 3
+    assert [line.split(":")[0] for line in lines] == ["results.py"] * 4
     assert "no such file" in lines[0] and "no finished run" in lines[1] and "not a result record" in lines[2]
+    assert "best_val_acc is 'abc', not a number" in lines[3]
 
 
 @pytest.mark.slow

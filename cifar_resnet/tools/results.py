@@ -36,8 +36,13 @@ def read_records(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
                 record = json.loads(file.read_text())
             except (OSError, ValueError) as err:
                 raise UserError(f"{file}: not a result record ({err})") from None
-            if not isinstance(record, dict) or "best_val_acc" not in record or "options" not in record:
+            valid = isinstance(record, dict) and "best_val_acc" in record and isinstance(record.get("options"), dict)
+            if not valid:
                 raise UserError(f"{file}: not a result record of fit.py")
+            for key in ("best_val_acc", "test_acc", "wall_time_s", "epochs", "seed"):
+                value = record.get(key)
+                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                    raise UserError(f"{file}: not a result record of fit.py ({key} is {value!r}, not a number)")
             record["path"] = str(file)
             records.append(record)
     return records
@@ -112,7 +117,8 @@ def summarize(records: Iterable[dict[str, Any]]) -> list[ResultRow]:
         row.val.append(float(record["best_val_acc"]))
         if record.get("test_acc") is not None:
             row.test.append(float(record["test_acc"]))
-        row.wall_s.append(float(record.get("wall_time_s", math.nan)))
+        wall = record.get("wall_time_s")
+        row.wall_s.append(float(wall) if wall is not None else math.nan)
         row.seeds.append(int(record.get("seed", 0)))
         row.devices.add(str(record.get("device", "?")))
         if not row.command or record.get("seed") == min(row.seeds):
