@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import math
-import random
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -25,7 +22,8 @@ from cifar_resnet.training.module import ImageClassifier
 from cifar_resnet.training.schedule import LRSchedule
 from tests.conftest import make_image_folder, real_cifar_subset
 from tests.test_fit import fit, fit_args, scalars
-from tests.test_reliability import FIT, _env, _load, _poll_checkpoint
+from tests.test_reliability import _load
+from tests.test_resume import stop_mid_epoch_and_resume
 
 POLICIES = ("autoaugment", "randaugment", "trivialaugment")
 
@@ -260,20 +258,7 @@ def test_a_run_killed_mid_epoch_resumes_bitwise_with_ema_and_with_mixing(
     fit(*fit_args(data, tmp_path / "whole", *common))
     whole = tmp_path / "whole" / "resnet20" / "version_0" / "checkpoints" / "last.ckpt"
 
-    logs = tmp_path / "stopped"
-    last = logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt"
-    stop_at = random.Random().choice([2, 3, 6, 7])  # mid-epoch (5 steps an epoch)
-    proc = subprocess.Popen([sys.executable, FIT, *fit_args(data, logs, *common)], env=_env(tmp_path), cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    try:
-        _poll_checkpoint(last, proc, lambda c: c["global_step"] >= stop_at)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
-    stopped_at = _load(last)["global_step"]
-    assert stopped_at < 10 and stopped_at % 5, f"stopped mid-epoch (at step {stopped_at})"
-    fit(*fit_args(data, logs, *common, "--ckpt_path", str(last)))
+    last, stopped_at = stop_mid_epoch_and_resume(data, tmp_path, common, signal.SIGKILL, [2, 3, 6, 7])
 
     a, b = _state(whole), _state(last)
     assert a["step"] == b["step"] == 10 and a["tensors"].keys() == b["tensors"].keys()

@@ -230,18 +230,15 @@ def _training_state(path: Path) -> dict:
     }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("workers", "signum"), [("0", signal.SIGKILL), ("2", signal.SIGKILL), ("0", signal.SIGTERM)])
-def test_a_run_stopped_mid_epoch_and_resumed_ends_bitwise_as_an_uninterrupted_one(
-    workers: str, signum: int, data: Path, tmp_path: Path
-) -> None:
-    common = ("--max_epochs", "2", "--no_test", "--seed", "4", "--num_workers", workers, "--ckpt_every_n_steps", "1")
-    fit(*fit_args(data, tmp_path / "whole", *common))
-    whole_dir = tmp_path / "whole" / "resnet20" / "version_0"
-
+def stop_mid_epoch_and_resume(
+    data: Path, tmp_path: Path, common: tuple[str, ...], signum: int, steps: list[int]
+) -> tuple[Path, int]:
+    """Run ``fit.py`` with ``common`` (2 epochs of 5 steps, a checkpoint every step) in ``tmp_path/stopped``, send
+    ``signum`` once a checkpoint of a random step of ``steps`` is on disk, check the stop came mid-epoch, and resume
+    the run to its end; the run's last.ckpt and the step it stopped at."""
     logs = tmp_path / "stopped"
     last = logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt"
-    stop_at = random.Random().choice([1, 2, 3, 6, 7, 8])  # any step but an epoch's last (5 steps an epoch)
+    stop_at = random.Random().choice(steps)
     proc = subprocess.Popen([sys.executable, FIT, *fit_args(data, logs, *common)], env=_env(tmp_path), cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     try:
@@ -253,6 +250,19 @@ def test_a_run_stopped_mid_epoch_and_resumed_ends_bitwise_as_an_uninterrupted_on
     stopped_at = _load(last)["global_step"]
     assert stopped_at < 10 and stopped_at % 5, f"stopped mid-epoch (at step {stopped_at}), not at an epoch's end"
     fit(*fit_args(data, logs, *common, "--ckpt_path", str(last)))
+    return last, stopped_at
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("workers", "signum"), [("0", signal.SIGKILL), ("2", signal.SIGKILL), ("0", signal.SIGTERM)])
+def test_a_run_stopped_mid_epoch_and_resumed_ends_bitwise_as_an_uninterrupted_one(
+    workers: str, signum: int, data: Path, tmp_path: Path
+) -> None:
+    common = ("--max_epochs", "2", "--no_test", "--seed", "4", "--num_workers", workers, "--ckpt_every_n_steps", "1")
+    fit(*fit_args(data, tmp_path / "whole", *common))
+    whole_dir = tmp_path / "whole" / "resnet20" / "version_0"
+
+    last, stopped_at = stop_mid_epoch_and_resume(data, tmp_path, common, signum, [1, 2, 3, 6, 7, 8])
 
     a, b = _training_state(whole_dir / "checkpoints" / "last.ckpt"), _training_state(last)
     assert a["step"] == b["step"] == 10 and a["lr"] == b["lr"]
@@ -261,7 +271,7 @@ def test_a_run_stopped_mid_epoch_and_resumed_ends_bitwise_as_an_uninterrupted_on
     assert all(torch.equal(x, y) for x, y in zip(a["momentum"], b["momentum"], strict=True))
     # The epoch that was interrupted reports the same training figures as the uninterrupted one.
     for tag in ("train/loss", "train/acc"):
-        assert dict(scalars(logs / "resnet20" / "version_0")[tag]) == pytest.approx(dict(scalars(whole_dir)[tag]))
+        assert dict(scalars(last.parent.parent)[tag]) == pytest.approx(dict(scalars(whole_dir)[tag]))
 
 
 def test_figures_after_a_resume_are_finite_and_timed_from_the_resume(data: Path, tmp_path: Path) -> None:
