@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from cifar_resnet.config import TrainerConfig
 from cifar_resnet.errors import UserError
+from cifar_resnet.fileio import atomic_write_text
 from cifar_resnet.training.runs import RunLocation
 
 LOGGERS = ("tensorboard", "csv", "mlflow", "wandb")
@@ -82,7 +83,7 @@ def _read_run_file(path: Path) -> dict[str, Any]:
 
 def _write_run_file(path: Path, values: dict[str, Any]) -> None:
     if rank_zero_only.rank == 0 and path.parent.is_dir():
-        path.write_text(json.dumps(values, indent=1) + "\n")
+        atomic_write_text(json.dumps(values, indent=1) + "\n", path)  # a killed run never leaves half an id
 
 
 def _mlflow_logger(config: TrainerConfig, run_folder: Path, name: str, run_name: str) -> Logger:
