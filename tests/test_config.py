@@ -17,7 +17,7 @@ from cifar_resnet.cli.arguments import config_yaml, load_config_file, presets, r
 from cifar_resnet.config import DataConfig, FitConfig, ModelConfig, TrainerConfig
 from cifar_resnet.errors import UserError
 from tests.conftest import REPO_ROOT
-from tests.test_fit import fit, fit_args
+from tests.helpers import fit, fit_args
 
 
 def test_flags_win_over_the_config_file_which_wins_over_the_defaults(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from cifar_resnet.tools.export import export_checkpoint
 from cifar_resnet.tools.inference import load_trained_model
 from cifar_resnet.tools.predict import predict_files
 from tests.conftest import CIFAR100_TEST_NAMES, make_image_folder, write_cifar10_batches, write_cifar100_files
-from tests.test_fit import fit_args
+from tests.helpers import fit_args
 
 
 def test_cifar100_files_are_read_with_their_fine_labels_and_names(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ from cifar_resnet.tools.export import ONNX_MISSING, export_checkpoint, reload_ou
 from cifar_resnet.tools.inference import load_trained_model
 from cifar_resnet.tools.predict import predict_files
 from tests.conftest import REPO_ROOT, make_image_folder
-from tests.test_fit import fit, fit_args, scalars
+from tests.helpers import fit, fit_args, scalars
 
 TEST_IMAGES = 13  # 5 + 5 + 3: odd-sized and unbalanced, so nothing can be dropped or padded unnoticed
 

@@ -14,28 +14,8 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cifar_resnet.cli import fit as cli
-from cifar_resnet.cli.arguments import resolve
-from cifar_resnet.cli.fit import run_fit
-from cifar_resnet.tools.curves import read_scalars
 from tests.conftest import REPO_ROOT
-
-
-def fit_args(data: Path, logs: Path, *extra: str) -> list[str]:
-    return [
-        "--arch", "resnet20", "--data_dir", str(data), "--log_dir", str(logs), "--val_size", "6",
-        "--batch_size", "8", "--eval_batch_size", "16", "--progress", "none", "--lr", "0.05",
-        "--log_every_n_steps", "1", *extra,
-    ]  # fmt: skip
-
-
-def fit(*argv: str) -> dict:
-    request = resolve(list(argv))
-    return run_fit(request.config, request.explicit)
-
-
-def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar series of a run folder (all event files, resumed runs included), deduplicated by step."""
-    return read_scalars(run_dir)
+from tests.helpers import fit, fit_args, scalars
 
 
 def test_full_fit_validate_and_test_on_an_image_folder(tiny_folder: Path, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from cifar_resnet.cli import fit as fit_cli
 from cifar_resnet.cli import plot as plot_cli
 from cifar_resnet.tools.curves import read_scalars
 from cifar_resnet.training import loggers
-from tests.test_fit import fit_args
+from tests.helpers import fit_args
 
 
 def needs(module: str) -> None:

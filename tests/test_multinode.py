@@ -15,8 +15,7 @@ import pytest
 from cifar_resnet.cli.arguments import resolve
 from cifar_resnet.training.resume import plan_resume
 from tests.conftest import real_cifar_subset
-from tests.test_fit import fit, fit_args
-from tests.test_reliability import FIT, _env, _load, _poll_checkpoint
+from tests.helpers import FIT, fit, fit_args, load_checkpoint, poll_checkpoint, script_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 
@@ -96,7 +95,7 @@ def test_two_nodes_of_two_processes_train_validate_like_one_and_resume_on_one(tm
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(NODE_TRACER)
     trace = tmp_path / "trace.txt"
-    env = {**_env(tmp_path), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(hook), "NODE_TRACE": str(trace)}
+    env = {**script_env(tmp_path), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(hook), "NODE_TRACE": str(trace)}
     common = fit_args(data, logs, "--max_epochs", "1", "--no_test", "--val_size", "20", "--eval_batch_size", "4")
     multi = [*common, "--accelerator", "cpu", "--devices", "2", "--num_nodes", "2", "--strategy", "ddp",
              "--progress", "lines"]  # fmt: skip
@@ -113,7 +112,7 @@ def test_two_nodes_of_two_processes_train_validate_like_one_and_resume_on_one(tm
     assert "2 nodes x 2 processes: batch 8 per process, global batch 32 per step; lr 0.05 as given" in announced
 
     last = logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt"
-    ckpt = _load(last)
+    ckpt = load_checkpoint(last)
     multi_acc = next(v["best_model_score"] for k, v in ckpt["callbacks"].items() if "'val/acc'" in k)
     # The same weights evaluated by one process: every validation image counted once either way.
     model = ImageClassifier.load_from_checkpoint(last, weights_only=True)
@@ -129,19 +128,19 @@ def test_two_nodes_of_two_processes_train_validate_like_one_and_resume_on_one(tm
     assert (plan.config.trainer.devices, plan.config.trainer.num_nodes, plan.config.trainer.strategy) == (1, 1, "auto")
     assert "--num_nodes 1 (was --num_nodes 2)" in plan.notes
     fit(*common, *one_process)
-    assert (_load(last)["epoch"], _load(last)["global_step"]) == (1, 2 + 10)
+    assert (load_checkpoint(last)["epoch"], load_checkpoint(last)["global_step"]) == (1, 2 + 10)
     # ... and that one-process checkpoint on two nodes again (2 steps an epoch per process).
     again = [*common, "--ckpt_path", str(last), "--max_epochs", "3", "--accelerator", "cpu", "--devices", "2",
              "--num_nodes", "2", "--strategy", "ddp"]  # fmt: skip
     results = _finish(_torchrun(2, 2, again, env, tmp_path))
     assert all(code == 0 for code, _, _ in results), [err[-2000:] for _, _, err in results]
-    assert (_load(last)["epoch"], _load(last)["global_step"]) == (2, 12 + 2)
+    assert (load_checkpoint(last)["epoch"], load_checkpoint(last)["global_step"]) == (2, 12 + 2)
 
 
 def test_a_launcher_world_other_than_the_flags_is_one_line_and_non_zero(tiny_folder: Path, tmp_path: Path) -> None:
     args = [*fit_args(tiny_folder, tmp_path / "logs", "--max_epochs", "1"), "--accelerator", "cpu", "--devices", "1",
             "--strategy", "ddp"]  # fmt: skip
-    env = {**_env(tmp_path), "OMP_NUM_THREADS": "1"}
+    env = {**script_env(tmp_path), "OMP_NUM_THREADS": "1"}
     ((code, out, err),) = _finish(_torchrun(1, 2, args, env, tmp_path))
     assert code != 0
     ours = [line for line in (out + err).splitlines() if line.startswith("fit.py")]
@@ -219,11 +218,11 @@ def test_sigterm_to_every_process_of_a_ddp_run_writes_one_checkpoint_and_it_resu
     last = logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt"
     args = [*fit_args(tiny_folder, logs, "--max_epochs", "60", "--no_test", "--ckpt_every_n_steps", "2"),
             "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]  # fmt: skip
-    env = {**_env(tmp_path), "OMP_NUM_THREADS": "1"}
+    env = {**script_env(tmp_path), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, FIT, *args], env=env, cwd=tmp_path, text=True, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     try:
-        _poll_checkpoint(last, proc, lambda c: c["global_step"] >= 2, timeout=180)
+        poll_checkpoint(last, proc, lambda c: c["global_step"] >= 2, timeout=180)
         os.killpg(proc.pid, signal.SIGTERM)  # the launcher and both training processes
         _, err = proc.communicate(timeout=120)
     finally:
@@ -233,7 +232,7 @@ def test_sigterm_to_every_process_of_a_ddp_run_writes_one_checkpoint_and_it_resu
     stops = [line for line in err.splitlines() if line.startswith("fit.py: stopped by SIGTERM")]
     assert stops == [f"fit.py: stopped by SIGTERM during training, checkpoint written; resume with: python "
                      f"scripts/fit.py --ckpt_path {last}"], err[-3000:]  # fmt: skip
-    saved = _load(last)
+    saved = load_checkpoint(last)
     assert saved["global_step"] % 10 == 0, "the processes agree every 10 steps and stop together"
     # One step an epoch per process: the stop came at the last batch of epoch saved["epoch"]; one more epoch is one
     # more step.
@@ -241,4 +240,7 @@ def test_sigterm_to_every_process_of_a_ddp_run_writes_one_checkpoint_and_it_resu
     done = subprocess.run([sys.executable, FIT, *args, "--ckpt_path", str(last)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=240)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (_load(last)["epoch"], _load(last)["global_step"]) == (saved["epoch"] + 1, saved["global_step"] + 1)
+    assert (load_checkpoint(last)["epoch"], load_checkpoint(last)["global_step"]) == (
+        saved["epoch"] + 1,
+        saved["global_step"] + 1,
+    )

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import real_cifar_subset
-from tests.test_fit import fit
+from tests.helpers import fit
 
 # Measured on 2 CPU cores: best val acc 0.383, 0.383 and 0.350 for seeds 0, 1, 2 (chance is 0.10), ~32 s each.
 MIN_VAL_ACC = 0.25

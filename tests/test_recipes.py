@@ -21,9 +21,7 @@ from cifar_resnet.errors import UserError
 from cifar_resnet.training.module import ImageClassifier
 from cifar_resnet.training.schedule import LRSchedule
 from tests.conftest import make_image_folder, real_cifar_subset
-from tests.test_fit import fit, fit_args, scalars
-from tests.test_reliability import _load
-from tests.test_resume import stop_mid_epoch_and_resume
+from tests.helpers import fit, fit_args, load_checkpoint, scalars, stop_mid_epoch_and_resume
 
 POLICIES = ("autoaugment", "randaugment", "trivialaugment")
 
@@ -235,7 +233,7 @@ def test_every_swa_epoch_validates_its_own_average_and_the_last_one_is_kept(real
 
 
 def _state(path: Path) -> dict:
-    checkpoint = _load(path)
+    checkpoint = load_checkpoint(path)
     optimizer = checkpoint["optimizer_states"][0]
     return {
         "step": checkpoint["global_step"],

@@ -20,48 +20,10 @@ from cifar_resnet.cli import fit as cli
 from cifar_resnet.training import reliability
 from cifar_resnet.training.module import ImageClassifier
 from cifar_resnet.training.reliability import AtomicCheckpointIO, CheckpointWriteError
-from tests.conftest import REPO_ROOT, make_image_folder
-from tests.test_fit import fit, fit_args
+from tests.conftest import make_image_folder
+from tests.helpers import FIT, assert_same_training_state, fit, fit_args, load_checkpoint, poll_checkpoint, script_env
 
 pytestmark = pytest.mark.reliability
-
-FIT = str(REPO_ROOT / "scripts" / "fit.py")
-
-
-def _env(tmp_path: Path) -> dict[str, str]:
-    # Two intra-op threads, as the in-process runs of conftest use: same thread count, same float sums.
-    return {**os.environ, "OMP_NUM_THREADS": "2", "CIFAR_RESNET_CACHE": str(tmp_path / "cache")}
-
-
-def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _poll_checkpoint(path: Path, proc: subprocess.Popen, ready, timeout: float = 120.0) -> dict:
-    """Load ``path`` whenever it changes until ``ready(ckpt)``; every version seen must load."""
-    deadline, seen = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"run ended early: {proc.communicate()}"
-        if path.is_file() and (stamp := path.stat().st_mtime_ns) != seen:
-            seen, ckpt = stamp, _load(path)  # never a partial file: os.replace of an fsynced temp file
-            if ready(ckpt):
-                return ckpt
-        time.sleep(0.01)
-    raise AssertionError(f"{path} never became ready")
-
-
-def _assert_same_training_state(a: dict, b: dict) -> None:
-    assert a["epoch"] == b["epoch"] and a["global_step"] == b["global_step"]
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    for key in a["state_dict"]:
-        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
-    opt_a, opt_b = a["optimizer_states"][0], b["optimizer_states"][0]
-    assert opt_a["param_groups"] == opt_b["param_groups"]  # LR included
-    for idx, state in opt_a["state"].items():
-        assert torch.equal(state["momentum_buffer"], opt_b["state"][idx]["momentum_buffer"])
-    assert a["lr_schedulers"] == b["lr_schedulers"]
-    best = [k for k in a["callbacks"] if "val/acc" in k]
-    assert a["callbacks"][best[0]]["best_model_score"] == b["callbacks"][best[0]]["best_model_score"]
 
 
 # ---------------------------------------------------------------------------------------------- 1 and 2
@@ -72,20 +34,20 @@ def _assert_same_training_state(a: dict, b: dict) -> None:
 def test_sigkill_after_an_epoch_then_resume_is_bitwise_identical(workers: str, tiny_folder: Path, tmp_path: Path):
     common = ("--max_epochs", "3", "--no_test", "--seed", "5", "--num_workers", workers)
     fit(*fit_args(tiny_folder, tmp_path / "whole", *common))
-    whole = _load(tmp_path / "whole" / "resnet20" / "version_0" / "checkpoints" / "last.ckpt")
+    whole = load_checkpoint(tmp_path / "whole" / "resnet20" / "version_0" / "checkpoints" / "last.ckpt")
 
     logs = tmp_path / "killed"
     last = logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt"
-    proc = subprocess.Popen([sys.executable, FIT, *fit_args(tiny_folder, logs, *common)], env=_env(tmp_path),
+    proc = subprocess.Popen([sys.executable, FIT, *fit_args(tiny_folder, logs, *common)], env=script_env(tmp_path),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)  # fmt: skip
     try:
-        killed_at = _poll_checkpoint(last, proc, lambda c: c["epoch"] >= 0)
+        killed_at = poll_checkpoint(last, proc, lambda c: c["epoch"] >= 0)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert _load(last)["epoch"] < 2, "killed before the run finished"
+    assert load_checkpoint(last)["epoch"] < 2, "killed before the run finished"
     fit(*fit_args(tiny_folder, logs, *common, "--ckpt_path", str(last)))
-    _assert_same_training_state(_load(last), whole)
+    assert_same_training_state(load_checkpoint(last), whole)
     assert killed_at["callbacks"]["RNGState"]["torch"].dtype == torch.uint8, "RNG state travels in the checkpoint"
 
 
@@ -100,10 +62,10 @@ def test_sigterm_and_ctrl_c_save_print_how_to_resume_and_exit_non_zero(
     logs = tmp_path / "logs"
     last = logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt"
     args = fit_args(tiny_folder, logs, "--max_epochs", "50", "--no_test", "--ckpt_every_n_steps", "2")
-    proc = subprocess.Popen([sys.executable, FIT, *args], env=_env(tmp_path), stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, FIT, *args], env=script_env(tmp_path), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=tmp_path)  # fmt: skip
     try:
-        _poll_checkpoint(last, proc, lambda c: c["global_step"] >= 2)
+        poll_checkpoint(last, proc, lambda c: c["global_step"] >= 2)
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -115,12 +77,12 @@ def test_sigterm_and_ctrl_c_save_print_how_to_resume_and_exit_non_zero(
     phases = ("during training", "during validation") if signum == signal.SIGINT else ("during training",)
     assert any(f"fit.py: stopped by {name} {phase}, checkpoint written; resume with: python scripts/fit.py "
                f"--ckpt_path {last}" in err for phase in phases), err  # fmt: skip
-    saved = _load(last)
+    saved = load_checkpoint(last)
     assert 2 <= saved["global_step"] < 150
     if signum == signal.SIGTERM:  # and it resumes: the run finishes its 50 epochs from there
         args[args.index("--max_epochs") + 1] = str(saved["epoch"] + 1)
         fit(*args, "--ckpt_path", str(last))
-        assert _load(last)["global_step"] == 3 * (saved["epoch"] + 1)
+        assert load_checkpoint(last)["global_step"] == 3 * (saved["epoch"] + 1)
 
 
 # ---------------------------------------------------------------------------------------------- 3
@@ -175,7 +137,7 @@ def test_background_checkpoints_snapshot_the_state_and_delete_an_old_best_only_a
     release.set()
     io.teardown()
     assert not old_best.exists()
-    assert torch.equal(_load(new_best)["state_dict"]["w"], torch.ones(3))
+    assert torch.equal(load_checkpoint(new_best)["state_dict"]["w"], torch.ones(3))
 
 
 def test_disk_full_during_a_fit_exits_2_with_one_line_and_keeps_last(
@@ -197,7 +159,7 @@ def test_disk_full_during_a_fit_exits_2_with_one_line_and_keeps_last(
     assert code == 2 and len(err) == 1 and err[0].startswith("fit.py: error: could not write checkpoint "), err
     assert "No space left on device" in err[0]
     ckpt_dir = logs / "resnet20" / "version_0" / "checkpoints"
-    assert _load(ckpt_dir / "last.ckpt")["epoch"] == 0
+    assert load_checkpoint(ckpt_dir / "last.ckpt")["epoch"] == 0
     assert not list(ckpt_dir.glob(".*.tmp"))
 
 
@@ -220,7 +182,7 @@ def test_nan_losses_stop_the_run_naming_the_step_and_no_nan_checkpoint_is_writte
     assert code == 2 and len(err) == 1, err
     assert "training diverged: 2 consecutive non-finite losses from training step 4" in err[0]
     assert "lower --lr" in err[0]
-    last = _load(logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt")
+    last = load_checkpoint(logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt")
     assert last["epoch"] == 0 and not reliability.non_finite_tensors(last["state_dict"])
 
     # With a patient limit the epoch-end save meets NaN weights: the checkpoint IO refuses them.
@@ -228,7 +190,7 @@ def test_nan_losses_stop_the_run_naming_the_step_and_no_nan_checkpoint_is_writte
     code = cli.main(fit_args(tiny_folder, logs, "--max_epochs", "3", "--no_test", "--max_nonfinite_steps", "50"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "weights are not finite" in err[0] and "lower --lr" in err[0], err
-    last = _load(logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt")
+    last = load_checkpoint(logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt")
     assert last["epoch"] == 0 and not reliability.non_finite_tensors(last["state_dict"])
 
 
@@ -253,7 +215,7 @@ def test_config_drift_and_finished_runs(tiny_folder: Path, tmp_path: Path, capsy
 
     # A longer --max_epochs extends the run: training continues from the next epoch.
     fit(*fit_args(tiny_folder, logs, "--max_epochs", "2", "--no_test", "--ckpt_path", str(last)))
-    assert (_load(last)["epoch"], _load(last)["global_step"]) == (1, 6)
+    assert (load_checkpoint(last)["epoch"], load_checkpoint(last)["global_step"]) == (1, 6)
 
 
 # ---------------------------------------------------------------------------------------------- 7
@@ -341,7 +303,7 @@ def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_folder: Path
     # Through the real script: one line, exit 2, no traceback.
     for extra, expected in (cases[9], cases[15]):  # a corrupt image, a pickle payload
         proc = subprocess.run([sys.executable, FIT, *_with(base, extra)], capture_output=True, text=True,
-                              env=_env(tmp_path), cwd=tmp_path, timeout=120)  # fmt: skip
+                              env=script_env(tmp_path), cwd=tmp_path, timeout=120)  # fmt: skip
         lines = [line for line in proc.stderr.splitlines() if line.startswith("fit.py")]  # not Lightning's info
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert len(lines) == 1 and expected in lines[0], proc.stderr
@@ -384,7 +346,7 @@ def test_two_process_ddp_trains_validates_like_one_process_and_resumes_on_one(ti
     trace_dir.mkdir()
     (trace_dir / "sitecustomize.py").write_text(PREPARE_TRACER)
     pythonpath = os.pathsep.join(p for p in (str(trace_dir), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**_env(tmp_path), "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath, "PREPARE_TRACE": str(trace)}
+    env = {**script_env(tmp_path), "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath, "PREPARE_TRACE": str(trace)}
     proc = subprocess.run([sys.executable, FIT, *ddp], capture_output=True, text=True, env=env, cwd=tmp_path,
                           timeout=180)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -393,7 +355,7 @@ def test_two_process_ddp_trains_validates_like_one_process_and_resumes_on_one(ti
     assert len({line for line in lines if line.startswith("loaded ")}) >= 2, "the tracer ran in both processes"
     assert len(calls) == 1, f"prepare_data must run once per node, ran {calls}"
     last = logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt"
-    ckpt = _load(last)
+    ckpt = load_checkpoint(last)
     ddp_acc = next(v["best_model_score"] for k, v in ckpt["callbacks"].items() if "val/acc" in k)
 
     # The same weights evaluated by one process: every validation image counted once either way.
@@ -408,7 +370,7 @@ def test_two_process_ddp_trains_validates_like_one_process_and_resumes_on_one(ti
     # epoch); without --devices and --strategy it would continue as it was started, on two.
     args[args.index("--max_epochs") + 1] = "2"
     fit(*args, "--ckpt_path", str(last), "--devices", "1", "--strategy", "auto")
-    resumed = _load(last)
+    resumed = load_checkpoint(last)
     assert (resumed["epoch"], resumed["global_step"]) == (1, ckpt["global_step"] + 3)
 
     # And the reverse: that one-process checkpoint continues under DDP (1 step an epoch per process).
@@ -417,5 +379,5 @@ def test_two_process_ddp_trains_validates_like_one_process_and_resumes_on_one(ti
     proc = subprocess.run([sys.executable, FIT, *ddp_again], capture_output=True, text=True, env=env, cwd=tmp_path,
                           timeout=180)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    again = _load(last)
+    again = load_checkpoint(last)
     assert (again["epoch"], again["global_step"]) == (2, resumed["global_step"] + 1)

@@ -12,7 +12,7 @@ import torch
 from cifar_resnet.cli import results as results_cli
 from cifar_resnet.config import FitConfig
 from cifar_resnet.tools.results import mean_std, read_records, results_table, summarize
-from tests.test_fit import fit, fit_args
+from tests.helpers import fit, fit_args
 
 
 def _record(folder: Path, seed: int, val: float, wall: float, **options) -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shlex
 import shutil
 import signal
@@ -20,31 +19,25 @@ import torch
 from PIL import Image
 
 from cifar_resnet.cli import fit as cli
-from tests.conftest import REPO_ROOT, make_image_folder
-from tests.test_fit import fit, fit_args, scalars
-from tests.test_reliability import FIT, _env, _load, _poll_checkpoint
+from tests.conftest import make_image_folder
+from tests.helpers import (
+    EXPORT,
+    FIT,
+    TEST,
+    files_of,
+    fit,
+    fit_args,
+    load_checkpoint,
+    one_error_line,
+    poll_checkpoint,
+    run_script,
+    scalars,
+    script_env,
+    stop_mid_epoch_and_resume,
+    training_state,
+)
 
 pytestmark = pytest.mark.reliability
-
-TEST = str(REPO_ROOT / "scripts" / "test.py")
-EXPORT = str(REPO_ROOT / "scripts" / "export.py")
-
-
-def _run(script: str, *args: str, tmp_path: Path, cwd: Path | None = None, env: dict | None = None):
-    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=300,
-                          cwd=cwd or tmp_path, env=env or _env(tmp_path))  # fmt: skip
-
-
-def _one_error_line(proc: subprocess.CompletedProcess, prog: str = "fit.py") -> str:
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-1500:])
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), lines
-    return lines[0]
-
-
-def _files(folder: Path) -> list[tuple[str, int]]:
-    return sorted((str(p), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file())
 
 
 @pytest.fixture
@@ -59,11 +52,11 @@ def data(tmp_path: Path) -> Path:
 def test_the_checkpoint_alone_continues_the_run_from_any_directory(data: Path, tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     args = fit_args(data, logs, "--max_epochs", "3", "--limit_train_batches", "2", "--ckpt_every_n_steps", "1")
-    proc = subprocess.Popen([sys.executable, FIT, *args], env=_env(tmp_path), cwd=tmp_path, text=True,
+    proc = subprocess.Popen([sys.executable, FIT, *args], env=script_env(tmp_path), cwd=tmp_path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     last = logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt"
     try:
-        _poll_checkpoint(last, proc, lambda c: c["global_step"] >= 3)
+        poll_checkpoint(last, proc, lambda c: c["global_step"] >= 3)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -77,10 +70,10 @@ def test_the_checkpoint_alone_continues_the_run_from_any_directory(data: Path, t
     (elsewhere / "scripts" / "fit.py").symlink_to(FIT)  # the printed command, run from another folder
     command = shlex.split(resume_line)
     command[0] = sys.executable
-    done = subprocess.run(command, cwd=elsewhere, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, cwd=elsewhere, env=script_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"resuming {last} (epoch" in done.stdout
-    final = _load(last)
+    final = load_checkpoint(last)
     assert (final["epoch"], final["global_step"]) == (2, 6), "3 epochs of 2 batches: --limit_train_batches kept"
     assert final["run_config"]["data_dir"] == str(data.resolve()), "the image folder, not ./data"
     assert not (elsewhere / "data").exists() and not (elsewhere / "lightning_logs").exists()
@@ -92,7 +85,7 @@ def test_options_that_change_what_is_learned_are_refused_and_free_ones_are_annou
     logs = tmp_path / "logs"
     fit(*fit_args(data, logs, "--max_epochs", "1", "--no_test"))
     last = logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt"
-    before = _files(logs)
+    before = files_of(logs)
     capsys.readouterr()
     refused = [("--seed", "3"), ("--lr", "0.2"), ("--batch_size", "4"), ("--val_size", "9"), ("--arch", "resnet32"),
                ("--weight_decay", "0.0"), ("--no_hflip",), ("--cutout", "8"), ("--schedule", "multistep")]  # fmt: skip
@@ -101,7 +94,7 @@ def test_options_that_change_what_is_learned_are_refused_and_free_ones_are_annou
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"would change what it learns: {' '.join(flag)} (the run's: --" in err[0], (flag, err)
         assert "Drop them to resume, or start a new run without --ckpt_path" in err[0]
-    assert _files(logs) == before, "a refused resume changes nothing"
+    assert files_of(logs) == before, "a refused resume changes nothing"
 
     # Several at once are named together; the same value as the run's is no change at all.
     assert cli.main(["--ckpt_path", str(last), "--max_epochs", "2", "--lr", "0.3", "--seed", "1"]) == 2
@@ -110,7 +103,7 @@ def test_options_that_change_what_is_learned_are_refused_and_free_ones_are_annou
     assert cli.main(["--ckpt_path", str(last), "--max_epochs", "2", "--lr", "0.05", "--num_workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "changed: --max_epochs 2 (was --max_epochs 1), --num_workers 1 (was --num_workers 0)" in out
-    assert _load(last)["run_config"]["max_epochs"] == 2, "the checkpoint carries the run as it now is"
+    assert load_checkpoint(last)["run_config"]["max_epochs"] == 2, "the checkpoint carries the run as it now is"
 
 
 def test_ckpt_path_auto_starts_a_run_once_then_continues_it(data: Path, tmp_path: Path, capsys) -> None:
@@ -121,7 +114,7 @@ def test_ckpt_path_auto_starts_a_run_once_then_continues_it(data: Path, tmp_path
     batch_script[batch_script.index("--max_epochs") + 1] = "2"
     assert cli.main(batch_script) == 0  # requeued with the same command: it continues
     assert sorted(p.name for p in (logs / "resnet20").iterdir()) == ["version_0"]
-    assert _load(logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt")["epoch"] == 1
+    assert load_checkpoint(logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt")["epoch"] == 1
 
 
 # ---------------------------------------------------------------------------------------------- 2
@@ -135,11 +128,11 @@ def test_other_data_is_refused_by_fit_and_by_test(data: Path, tmp_path: Path) ->
     shutil.copytree(data, renamed)
     for split in ("train", "test"):
         (renamed / split / "class_1").rename(renamed / split / "class_9")
-    before = _files(logs)
-    line = _one_error_line(_run(FIT, "--ckpt_path", str(last), "--data_dir", str(renamed), "--max_epochs", "2",
+    before = files_of(logs)
+    line = one_error_line(run_script(FIT, "--ckpt_path", str(last), "--data_dir", str(renamed), "--max_epochs", "2",
                                 tmp_path=tmp_path))  # fmt: skip
     assert "has the classes class_0, class_2, class_9, but the run was trained on class_0, class_1, class_2" in line
-    line = _one_error_line(_run(TEST, "--ckpt_path", str(last), "--data_dir", str(renamed), tmp_path=tmp_path),
+    line = one_error_line(run_script(TEST, "--ckpt_path", str(last), "--data_dir", str(renamed), tmp_path=tmp_path),
                            "test.py")  # fmt: skip
     assert "was trained on class_0, class_1, class_2: its outputs would be read as the wrong classes" in line
 
@@ -147,15 +140,15 @@ def test_other_data_is_refused_by_fit_and_by_test(data: Path, tmp_path: Path) ->
     shutil.copytree(data, shuffled)
     one = shuffled / "train" / "class_0" / "0000.png"
     Image.new("RGB", (32, 32), (1, 2, 3)).save(one)
-    line = _one_error_line(_run(FIT, "--ckpt_path", str(last), "--data_dir", str(shuffled), "--max_epochs", "2",
+    line = one_error_line(run_script(FIT, "--ckpt_path", str(last), "--data_dir", str(shuffled), "--max_epochs", "2",
                                 tmp_path=tmp_path))  # fmt: skip
     assert "holds other images than the run was trained on" in line
-    assert _files(logs) == before
+    assert files_of(logs) == before
 
     moved = tmp_path / "moved"  # the same data in another place resumes
     shutil.copytree(data, moved)
     fit(*fit_args(moved, logs, "--max_epochs", "2", "--no_test", "--ckpt_path", str(last)))
-    assert _load(last)["epoch"] == 1
+    assert load_checkpoint(last)["epoch"] == 1
 
 
 # ---------------------------------------------------------------------------------------------- 3
@@ -165,14 +158,14 @@ def test_fits_started_together_get_their_own_folders(data: Path, tmp_path: Path)
     logs = tmp_path / "logs"
     procs = [subprocess.Popen([sys.executable, FIT, *fit_args(data, logs, "--max_epochs", "1", "--no_test",
                                                               "--seed", str(seed))],
-                              env=_env(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              env=script_env(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True) for seed in (1, 2)]  # fmt: skip
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-2000:]
     folders = sorted((logs / "resnet20").iterdir())
     assert [f.name for f in folders] == ["version_0", "version_1"]
-    seeds = sorted(_load(f / "checkpoints" / "last.ckpt")["run_config"]["seed"] for f in folders)
+    seeds = sorted(load_checkpoint(f / "checkpoints" / "last.ckpt")["run_config"]["seed"] for f in folders)
     assert seeds == [1, 2], "each folder holds one run's checkpoints"
     assert not any((f / ".lock").exists() for f in folders), "locks are released"
 
@@ -182,22 +175,24 @@ def test_a_run_in_progress_cannot_be_resumed_twice_and_a_killed_runs_lock_is_tak
 ) -> None:
     logs = tmp_path / "logs"
     args = fit_args(data, logs, "--max_epochs", "50", "--no_test", "--ckpt_every_n_steps", "1")
-    proc = subprocess.Popen([sys.executable, FIT, *args], env=_env(tmp_path), cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, FIT, *args], env=script_env(tmp_path), cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     folder = logs / "resnet20" / "version_0"
     try:
-        _poll_checkpoint(folder / "checkpoints" / "last.ckpt", proc, lambda c: c["global_step"] >= 2)
+        poll_checkpoint(folder / "checkpoints" / "last.ckpt", proc, lambda c: c["global_step"] >= 2)
         holder = json.loads((folder / ".lock").read_text())
         assert holder["pid"] == proc.pid
-        second = _run(FIT, "--ckpt_path", "last", "--log_dir", str(logs), "--max_epochs", "60", tmp_path=tmp_path)
-        line = _one_error_line(second)
+        second = run_script(FIT, "--ckpt_path", "last", "--log_dir", str(logs), "--max_epochs", "60", tmp_path=tmp_path)
+        line = one_error_line(second)
         assert f"run folder {folder} is in use by process {proc.pid}" in line
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert (folder / ".lock").exists(), "SIGKILL leaves the lock behind"
-    one_more = str(_load(folder / "checkpoints" / "last.ckpt")["epoch"] + 2)
-    resumed = _run(FIT, "--ckpt_path", "last", "--log_dir", str(logs), "--max_epochs", one_more, tmp_path=tmp_path)
+    one_more = str(load_checkpoint(folder / "checkpoints" / "last.ckpt")["epoch"] + 2)
+    resumed = run_script(
+        FIT, "--ckpt_path", "last", "--log_dir", str(logs), "--max_epochs", one_more, tmp_path=tmp_path
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"took over a stale lock of process {proc.pid}" in resumed.stdout
     assert not (folder / ".lock").exists()
@@ -210,7 +205,7 @@ def test_a_moved_run_folder_resumes_with_its_best_record(data: Path, tmp_path: P
     moved.parent.mkdir(parents=True)
     shutil.move(str(logs / "resnet20" / "version_0"), str(moved))
     last = moved / "checkpoints" / "last.ckpt"
-    best_before = next(v for k, v in _load(last)["callbacks"].items() if "'val/acc'" in k)["best_model_score"]
+    best_before = next(v for k, v in load_checkpoint(last)["callbacks"].items() if "'val/acc'" in k)["best_model_score"]
     result = fit(*fit_args(data, logs, "--max_epochs", "3", "--no_test", "--ckpt_path", str(last)))
     assert result["run_dir"] == str(moved)
     assert result["best_val_acc"] >= float(best_before), "the record survived the move"
@@ -218,39 +213,6 @@ def test_a_moved_run_folder_resumes_with_its_best_record(data: Path, tmp_path: P
 
 
 # ---------------------------------------------------------------------------------------------- 4 and 5
-
-
-def _training_state(path: Path) -> dict:
-    checkpoint = _load(path)
-    return {
-        "step": checkpoint["global_step"],
-        "weights": checkpoint["state_dict"],
-        "momentum": [s["momentum_buffer"] for s in checkpoint["optimizer_states"][0]["state"].values()],
-        "lr": [g["lr"] for g in checkpoint["optimizer_states"][0]["param_groups"]],
-    }
-
-
-def stop_mid_epoch_and_resume(
-    data: Path, tmp_path: Path, common: tuple[str, ...], signum: int, steps: list[int]
-) -> tuple[Path, int]:
-    """Run ``fit.py`` with ``common`` (2 epochs of 5 steps, a checkpoint every step) in ``tmp_path/stopped``, send
-    ``signum`` once a checkpoint of a random step of ``steps`` is on disk, check the stop came mid-epoch, and resume
-    the run to its end; the run's last.ckpt and the step it stopped at."""
-    logs = tmp_path / "stopped"
-    last = logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt"
-    stop_at = random.Random().choice(steps)
-    proc = subprocess.Popen([sys.executable, FIT, *fit_args(data, logs, *common)], env=_env(tmp_path), cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    try:
-        _poll_checkpoint(last, proc, lambda c: c["global_step"] >= stop_at)
-        proc.send_signal(signum)
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
-    stopped_at = _load(last)["global_step"]
-    assert stopped_at < 10 and stopped_at % 5, f"stopped mid-epoch (at step {stopped_at}), not at an epoch's end"
-    fit(*fit_args(data, logs, *common, "--ckpt_path", str(last)))
-    return last, stopped_at
 
 
 @pytest.mark.slow
@@ -264,7 +226,7 @@ def test_a_run_stopped_mid_epoch_and_resumed_ends_bitwise_as_an_uninterrupted_on
 
     last, stopped_at = stop_mid_epoch_and_resume(data, tmp_path, common, signum, [1, 2, 3, 6, 7, 8])
 
-    a, b = _training_state(whole_dir / "checkpoints" / "last.ckpt"), _training_state(last)
+    a, b = training_state(whole_dir / "checkpoints" / "last.ckpt"), training_state(last)
     assert a["step"] == b["step"] == 10 and a["lr"] == b["lr"]
     different = [k for k in a["weights"] if not torch.equal(a["weights"][k], b["weights"][k])]
     assert different == [], f"stopped at step {stopped_at}: {different[:3]}"
@@ -277,17 +239,17 @@ def test_a_run_stopped_mid_epoch_and_resumed_ends_bitwise_as_an_uninterrupted_on
 def test_figures_after_a_resume_are_finite_and_timed_from_the_resume(data: Path, tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     common = ("--max_epochs", "2", "--no_test", "--ckpt_every_n_steps", "1", "--progress", "lines")
-    proc = subprocess.Popen([sys.executable, FIT, *fit_args(data, logs, *common)], env=_env(tmp_path), cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen([sys.executable, FIT, *fit_args(data, logs, *common)], env=script_env(tmp_path),
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     last = logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt"
     try:
-        _poll_checkpoint(last, proc, lambda c: c["global_step"] >= 2)
+        poll_checkpoint(last, proc, lambda c: c["global_step"] >= 2)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     finally:
         proc.kill()
     started = time.monotonic()
-    resumed = _run(FIT, *fit_args(data, logs, *common, "--ckpt_path", str(last)), tmp_path=tmp_path)
+    resumed = run_script(FIT, *fit_args(data, logs, *common, "--ckpt_path", str(last)), tmp_path=tmp_path)
     took = time.monotonic() - started
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     epoch_line = next(line for line in resumed.stdout.splitlines() if line.startswith("epoch 1 done in "))
@@ -342,7 +304,7 @@ def test_a_signal_in_any_phase_exits_non_zero_with_one_line(
     # Validation steps: the sanity check is call 1, the first epoch's validation call 2.
     where, at = {"decoding": ("decoding", 1), "validation": ("validation", 2), "last validation": ("validation", 2),
                  "test": ("test", 1)}[phase]  # fmt: skip
-    env = {**_env(tmp_path), "PYTHONPATH": str(hook), "PAUSE_MARKER": str(marker), "PAUSE_IN": where,
+    env = {**script_env(tmp_path), "PYTHONPATH": str(hook), "PAUSE_MARKER": str(marker), "PAUSE_IN": where,
            "PAUSE_AT": str(at)}  # fmt: skip
     logs = tmp_path / "logs"
     epochs = "1" if phase in ("last validation", "test") else "3"
@@ -392,7 +354,7 @@ def test_more_mistakes_are_one_line_exit_2_and_change_nothing(
     assert export_cli.main(["--ckpt_path", str(last), "--format", "state_dict", "--out", str(exported)]) == 0
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    before = _files(tmp_path)
+    before = files_of(tmp_path)
     base = fit_args(data, logs, "--max_epochs", "1")
     cases = [
         (FIT, [*base, "--label_smoothing", "2"], "--label_smoothing must be at least 0 and below 1, got 2.0"),
@@ -413,8 +375,8 @@ def test_more_mistakes_are_one_line_exit_2_and_change_nothing(
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(err) == 1 and err[0].startswith(f"{Path(script).name}: error: ") and expected in err[0], (args, err)
     for script, args, expected in (cases[2], cases[6]):  # and through the real scripts: one line, no traceback
-        assert expected in _one_error_line(_run(script, *args, tmp_path=tmp_path), Path(script).name)
-    assert _files(tmp_path) == before, "nothing written, nothing replaced, no empty run folder"
+        assert expected in one_error_line(run_script(script, *args, tmp_path=tmp_path), Path(script).name)
+    assert files_of(tmp_path) == before, "nothing written, nothing replaced, no empty run folder"
 
     # A report or plots written before are kept unless --overwrite says otherwise.
     from cifar_resnet.cli import benchmark as benchmark_cli

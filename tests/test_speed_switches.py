@@ -8,6 +8,7 @@ import torch
 
 from cifar_resnet.data import CIFARDataModule
 from cifar_resnet.training.module import ImageClassifier
+from tests.helpers import fit, fit_args
 
 
 @pytest.mark.parametrize("arch", ["resnet20", "resnet18", "preact_resnet20"])
@@ -93,7 +94,6 @@ def test_precision_auto_picks_bf16_on_gpus_that_have_it_and_refuses_it_where_the
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true", "64-true"])
 def test_every_cpu_precision_trains_and_evaluates(precision: str, tiny_folder: Path, tmp_path: Path) -> None:
-    from tests.test_fit import fit, fit_args
 
     result = fit(
         *fit_args(

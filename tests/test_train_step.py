@@ -20,6 +20,7 @@ from cifar_resnet.training.module import ImageClassifier
 from cifar_resnet.training.schedule import LRSchedule
 from cifar_resnet.training.step import IMAGES, LOSS_TIMES_IMAGES, TOP1_HITS, TOPK_HITS, GraphedStep, TrainingTally
 from tests.conftest import make_image_folder
+from tests.helpers import fit, fit_args
 
 
 class EagerReplay:
@@ -295,7 +296,6 @@ def test_training_steps_never_wait_for_the_device_except_to_log(
     """Between an epoch's first and last batch, the only host read is the step loss every log_every_n_steps."""
     if graphed:
         request.getfixturevalue("graphs_on_the_cpu")
-    from tests.test_fit import fit, fit_args
 
     recorder = SyncRecorder()
     build = __import__("cifar_resnet.cli.fit", fromlist=["build_trainer"]).build_trainer
@@ -327,7 +327,6 @@ def test_training_steps_never_wait_for_the_device_except_to_log(
 
 def test_the_lr_tensor_follows_the_replanned_schedule_after_a_resume(folder: Path, tmp_path: Path) -> None:
     from cifar_resnet.cli import fit as cli
-    from tests.test_fit import fit, fit_args
 
     logs = tmp_path / "logs"
     fit(*fit_args(folder, logs, "--max_epochs", "1", "--no_test", "--val_size", "6"))
@@ -363,7 +362,6 @@ def test_graphed_step_refuses_a_batch_of_another_shape() -> None:
 def test_a_checkpoint_from_automatic_optimization_resumes_at_its_step(folder: Path, tmp_path: Path) -> None:
     """Checkpoints written before the step went manual count steps in the automatic loop and have no tally."""
     from cifar_resnet.cli import fit as cli
-    from tests.test_fit import fit, fit_args
 
     logs = tmp_path / "logs"
     fit(*fit_args(folder, logs, "--max_epochs", "1", "--no_test", "--val_size", "6"))
