@@ -33,6 +33,7 @@ from cifar_resnet.training.reliability import (
     RNGState,
     RunFolderRelocation,
     StopSignals,
+    ValidationRerun,
 )
 from cifar_resnet.training.reporting import ValidationReport
 from cifar_resnet.training.runs import RunLocation
@@ -181,6 +182,7 @@ def build_trainer(config: TrainerConfig, label: RunLabel) -> tuple[L.Trainer, Ch
         RNGState(),
         DivergenceStop(config.max_nonfinite_steps),
         GracefulInterrupt(checkpoints.last, label.signals),
+        ValidationRerun(),
         EpochThroughput(),
         AugmentationPreview(),
         ValidationReport(config.confusion_every_n_epochs),
