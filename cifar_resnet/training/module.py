@@ -341,13 +341,15 @@ class ImageClassifier(L.LightningModule):
         """Fused SGD (one kernel for the whole update) reading its LR from a tensor on the model's device."""
         hp = self.config
         self._lr = torch.full((), hp.lr, dtype=torch.float32, device=self.device)
-        return torch.optim.SGD(
+        optimizer = torch.optim.SGD(
             self._param_groups(),
             lr=self._lr,
             momentum=hp.momentum,
             nesterov=hp.nesterov and hp.momentum > 0,
             fused=True,
         )
+        optimizer.register_load_state_dict_post_hook(lay_out_state_like_parameters)
+        return optimizer
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The LR tensor belongs to this process; the checkpoint stores the next step's LR as a number, as an
@@ -367,6 +369,22 @@ class ImageClassifier(L.LightningModule):
         self._planned_steps = checkpoint.get("lr_schedule_steps")
         self._tally_epoch = checkpoint.get("tally_epoch")
         _upgrade_automatic_optimization_checkpoint(checkpoint, self.tally.state_dict(prefix="tally."))
+
+
+def lay_out_state_like_parameters(optimizer: torch.optim.Optimizer) -> None:
+    """Give every per-parameter state tensor (SGD's momentum buffer) its parameter's memory layout.
+
+    ``Optimizer.load_state_dict`` keeps the layout a state tensor was saved with, while the weights take the
+    layout of this run (``--channels_last`` may change on resume). The fused SGD kernel assumes the two match:
+    on CUDA it refuses the step, on the CPU it silently pairs the wrong elements. torch has no option to
+    re-lay restored state, so it is done here, once, after each restore.
+    """
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for name, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    state[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def _upgrade_automatic_optimization_checkpoint(checkpoint: dict[str, Any], tally_state: dict[str, Any]) -> None:
