@@ -279,7 +279,8 @@ class ModelConfig(_Options):
     swa_lr: float = option(0.05, "the constant LR of the SWA epochs", OPTIM, check=positive_float)
     channels_last: bool = option(True, "NHWC memory format for convolutions (faster on CUDA and on the CPU)",
                                  SPEED, check=switch, on_resume="free")  # fmt: skip
-    compile: bool = option(False, "torch.compile the network (slow start, faster steps)", SPEED, check=switch,
+    compile: bool = option(False, "torch.compile the network for training, once per run (slow start, faster steps; "
+                           "evaluation runs eagerly)", SPEED, check=switch,
                            on_resume="free")  # fmt: skip
     cuda_graphs: bool = option(True, "replay each training step as one CUDA graph (one process on a GPU; not "
                                "with 16-mixed)", SPEED, check=switch, on_resume="free")  # fmt: skip

@@ -162,3 +162,19 @@ def test_a_run_resumed_with_the_other_channels_last_ends_as_one_resumed_with_the
     # Only the order of float sums differs between the layouts.
     for key in same:
         torch.testing.assert_close(other[key], same[key], rtol=1e-3, atol=1e-3, msg=key)
+
+
+@pytest.mark.slow
+def test_compile_compiles_the_training_step_once_per_run(tiny_folder: Path, tmp_path: Path) -> None:
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    # Validation of 6 images in batches of 4 ends with a short batch; the sanity check comes first; then two
+    # epochs of training with validation between them, and the test.
+    args = fit_args(tiny_folder, tmp_path / "logs", "--max_epochs", "2", "--limit_train_batches", "2", "--compile",
+                    "--eval_batch_size", "4")  # fmt: skip
+    with torch._dynamo.config.patch(error_on_recompile=True):  # what TORCH_LOGS=recompiles would report, as an error
+        result = fit(*args)
+    assert 0.0 <= result["test_acc"] <= 1.0
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])

@@ -91,8 +91,13 @@ class ImageClassifier(L.LightningModule):
         if self.config.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if self.config.compile and not getattr(self, "_compiled", False):
-            # Module.compile compiles forward in place, so state-dict keys keep their plain names.
-            self.model.compile()
+            # Compiled once per run, for training only: training batches all have one shape (the loader drops the
+            # short last batch), so shapes are static. Evaluation runs eagerly (see forward): a network in eval
+            # mode under inference mode is another graph (batch norm from running statistics, no autograd), so
+            # compiling it would be a second compile, and a third for a short last batch; evaluating costs a few
+            # percent of an epoch, too little to pay a compile for. Module.compile compiles in place, so
+            # state-dict keys keep their plain names.
+            self.model.compile(dynamic=False)
             self._compiled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,7 +107,10 @@ class ImageClassifier(L.LightningModule):
             x = x.to(weights.dtype)
         if self.config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.model(x)
+        if self.model.training or not getattr(self, "_compiled", False):
+            return self.model(x)
+        with torch.compiler.set_stance("force_eager"):  # a compiled network evaluates eagerly: see configure_model
+            return self.model(x)
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, labels, label_smoothing=self.config.label_smoothing)
