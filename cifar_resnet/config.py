@@ -343,15 +343,19 @@ class TrainerConfig(_Options):
                             on_resume="free")  # fmt: skip
     accelerator: str = option("auto", "device type", TRAINER, check=one_of("auto", "cpu", "gpu", "cuda", "mps"),
                               choices=("auto", "cpu", "gpu", "cuda", "mps"), on_resume="free")  # fmt: skip
-    devices: int | str | list[int] = option("auto", "device count, comma list of ids, or auto", TRAINER,
-                                            check=devices_value, parse=parse_devices, on_resume="free")  # fmt: skip
+    devices: int | str | list[int] = option(1, "processes per machine, one per GPU: 1 trains the documented recipe "
+                                            "on any machine; N, a comma list of GPU ids, or auto (every GPU) "
+                                            "train N processes with N times the global batch and the LR as given",
+                                            TRAINER, check=devices_value, parse=parse_devices,
+                                            on_resume="free")  # fmt: skip
     num_nodes: int = option(1, "machines the run spans; --devices counts processes per machine", TRAINER,
                             check=positive_int, on_resume="free")  # fmt: skip
     strategy: str = option("auto", "Lightning strategy, e.g. ddp", TRAINER, check=text, on_resume="free")
     sync_batchnorm: bool = option(False, "batch-norm statistics over all processes' batches (SyncBatchNorm), for "
                                   "small batches per GPU", TRAINER, check=switch, on_resume="free")  # fmt: skip
-    deterministic: bool = option(False, "deterministic algorithms (slower on a GPU)", TRAINER, check=switch,
-                                 on_resume="free")  # fmt: skip
+    deterministic: bool = option(False, "deterministic algorithms and no cudnn.benchmark: a resume on a GPU is then "
+                                 "bitwise exact on the same GPU model and torch/CUDA versions (slower on a GPU)",
+                                 TRAINER, check=switch, on_resume="free")  # fmt: skip
     limit_train_batches: float | int | None = option(
         None, "train on this fraction (<= 1.0) or number of batches per epoch", TRAINER, check=batch_limit,
         parse=parse_batch_limit)  # fmt: skip
