@@ -144,6 +144,7 @@ def test_a_resume_with_the_other_channels_last_relays_the_momentum_and_updates_a
         torch.testing.assert_close(param.detach(), expected)
 
 
+@pytest.mark.slow
 def test_a_run_resumed_with_the_other_channels_last_ends_as_one_resumed_with_the_same(
     tiny_folder: Path, tmp_path: Path
 ) -> None:
