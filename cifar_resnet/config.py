@@ -279,7 +279,8 @@ class ModelConfig(_Options):
     swa_lr: float = option(0.05, "the constant LR of the SWA epochs", OPTIM, check=positive_float)
     channels_last: bool = option(True, "NHWC memory format for convolutions (faster on CUDA and on the CPU)",
                                  SPEED, check=switch, on_resume="free")  # fmt: skip
-    compile: bool = option(False, "torch.compile the network (slow start, faster steps)", SPEED, check=switch,
+    compile: bool = option(False, "torch.compile the network for training, once per run (slow start, faster steps; "
+                           "evaluation runs eagerly)", SPEED, check=switch,
                            on_resume="free")  # fmt: skip
     cuda_graphs: bool = option(True, "replay each training step as one CUDA graph (one process on a GPU; not "
                                "with 16-mixed)", SPEED, check=switch, on_resume="free")  # fmt: skip
@@ -342,15 +343,19 @@ class TrainerConfig(_Options):
                             on_resume="free")  # fmt: skip
     accelerator: str = option("auto", "device type", TRAINER, check=one_of("auto", "cpu", "gpu", "cuda", "mps"),
                               choices=("auto", "cpu", "gpu", "cuda", "mps"), on_resume="free")  # fmt: skip
-    devices: int | str | list[int] = option("auto", "device count, comma list of ids, or auto", TRAINER,
-                                            check=devices_value, parse=parse_devices, on_resume="free")  # fmt: skip
+    devices: int | str | list[int] = option(1, "processes per machine, one per GPU: 1 trains the documented recipe "
+                                            "on any machine; N, a comma list of GPU ids, or auto (every GPU) "
+                                            "train N processes with N times the global batch and the LR as given",
+                                            TRAINER, check=devices_value, parse=parse_devices,
+                                            on_resume="free")  # fmt: skip
     num_nodes: int = option(1, "machines the run spans; --devices counts processes per machine", TRAINER,
                             check=positive_int, on_resume="free")  # fmt: skip
     strategy: str = option("auto", "Lightning strategy, e.g. ddp", TRAINER, check=text, on_resume="free")
     sync_batchnorm: bool = option(False, "batch-norm statistics over all processes' batches (SyncBatchNorm), for "
                                   "small batches per GPU", TRAINER, check=switch, on_resume="free")  # fmt: skip
-    deterministic: bool = option(False, "deterministic algorithms (slower on a GPU)", TRAINER, check=switch,
-                                 on_resume="free")  # fmt: skip
+    deterministic: bool = option(False, "deterministic algorithms and no cudnn.benchmark: a resume on a GPU is then "
+                                 "bitwise exact on the same GPU model and torch/CUDA versions (slower on a GPU)",
+                                 TRAINER, check=switch, on_resume="free")  # fmt: skip
     limit_train_batches: float | int | None = option(
         None, "train on this fraction (<= 1.0) or number of batches per epoch", TRAINER, check=batch_limit,
         parse=parse_batch_limit)  # fmt: skip

@@ -3,9 +3,13 @@ real CIFAR-10 subset."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
+import signal
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +19,25 @@ from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = REPO_ROOT.parent / "shared" / "cifar10-jpeg"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_process_left_behind() -> Iterator[None]:
+    """Fail the session when a process a test started (a script, its loader workers) outlives the tests.
+
+    Every process started with this session's environment carries its mark, also after its parent died and it was
+    re-parented; at the end the session waits for them to exit (a bounded guard), then ends and names those left.
+    """
+    from tests.helpers import SESSION_MARK, wait_until_gone
+
+    mark = f"{os.getpid()}-{uuid.uuid4().hex}"
+    os.environ[SESSION_MARK] = mark
+    yield
+    left = wait_until_gone(SESSION_MARK, mark, timeout=30)
+    for pid, _ in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"tests left processes running: {left}"
 
 
 @pytest.fixture(autouse=True)

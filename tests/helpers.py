@@ -48,8 +48,95 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def script_env(tmp_path: Path) -> dict[str, str]:
     """The environment of a script run by a test: its own decode cache, and two intra-op threads, as the in-process
-    runs of conftest use (same thread count, same float sums)."""
-    return {**os.environ, "OMP_NUM_THREADS": "2", "CIFAR_RESNET_CACHE": str(tmp_path / "cache")}
+    runs of conftest use (same thread count, same float sums); this checkout's package first on the path. The test
+    session's mark (``SESSION_MARK``, set by conftest) is inherited, so a process a test leaves behind is found."""
+    return {**os.environ, "OMP_NUM_THREADS": "2", "CIFAR_RESNET_CACHE": str(tmp_path / "cache"),
+            "PYTHONPATH": with_path(str(REPO_ROOT), os.environ.get("PYTHONPATH", ""))}  # fmt: skip
+
+
+def with_path(first: str, rest: str) -> str:
+    """A ``PYTHONPATH`` with ``first`` before the entries of ``rest``."""
+    return os.pathsep.join(part for part in (first, rest) if part)
+
+
+# The name of the environment variable that marks the processes a test session starts (conftest sets its value).
+SESSION_MARK = "CIFAR_RESNET_TEST_SESSION"
+
+
+def processes_marked(name: str, value: str) -> list[tuple[int, str]]:
+    """Every live process (pid, command line) whose environment sets ``name`` to ``value``: the processes a test
+    started, their children, and children re-parented after their parent died (Linux /proc; elsewhere none)."""
+    entry = f"{name}={value}".encode()
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if entry in (proc / "environ").read_bytes().split(b"\0"):
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                found.append((int(proc.name), cmdline))
+        except OSError:  # ended meanwhile, or not ours to read
+            continue
+    return [(pid, cmdline) for pid, cmdline in found if pid != os.getpid()]
+
+
+def wait_until_gone(name: str, value: str, timeout: float = 60.0) -> list[tuple[int, str]]:
+    """Wait until no process is marked ``name=value``; those still there after ``timeout`` (a guard against a hang,
+    not a measure of speed). A killed process is gone once it has exited (a zombie has no environment left)."""
+    deadline = time.monotonic() + timeout
+    while (left := processes_marked(name, value)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+def end(proc: subprocess.Popen) -> None:
+    """Kill ``proc`` if it still runs, and reap it: a test leaves no process behind."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+# A sitecustomize that holds fit.py for good at the start of its HOLD_AT-th training step, after writing
+# HOLD_MARKER: the run cannot go on, so it cannot end before the test stops it, however fast the machine is.
+HOLD_HOOK = """
+import os, threading
+from pathlib import Path
+
+from cifar_resnet.training import module
+
+_marker, _at, _calls = Path(os.environ["HOLD_MARKER"]), int(os.environ["HOLD_AT"]), [0]
+_training_step = module.ImageClassifier.training_step
+
+
+def _holding(self, *args, **kwargs):
+    _calls[0] += 1
+    if _calls[0] == _at:
+        _marker.write_text("held")
+        threading.Event().wait()
+    return _training_step(self, *args, **kwargs)
+
+
+module.ImageClassifier.training_step = _holding
+"""
+
+
+def held_run_env(tmp_path: Path, at_step: int) -> tuple[dict[str, str], Path]:
+    """The environment of a ``fit.py`` that holds at its ``at_step``-th training step (counted from 1 in this
+    process), and the marker file it writes when it gets there."""
+    hook = tmp_path / "hold_hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(HOLD_HOOK)
+    marker = tmp_path / "held"
+    env = script_env(tmp_path)
+    env.update(PYTHONPATH=with_path(str(hook), env["PYTHONPATH"]), HOLD_MARKER=str(marker), HOLD_AT=str(at_step))
+    return env, marker
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Wait until ``path`` exists while ``proc`` runs (the timeout only guards against a hang)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"run ended early: {proc.communicate()}"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
 
 
 def run_script(script: str, *args: str, tmp_path: Path, cwd: Path | None = None, env: dict | None = None):
@@ -134,8 +221,7 @@ def stop_mid_epoch_and_resume(
         proc.send_signal(signum)
         proc.wait(timeout=60)
     finally:
-        proc.kill()
-        proc.wait()
+        end(proc)
     stopped_at = load_checkpoint(last)["global_step"]
     assert stopped_at < 10 and stopped_at % 5, f"stopped mid-epoch (at step {stopped_at}), not at an epoch's end"
     fit(*fit_args(data, logs, *common, "--ckpt_path", str(last)))

@@ -3,6 +3,7 @@ folders, exact mid-epoch resume, signals in every phase and one-line mistakes, t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -24,17 +26,23 @@ from tests.helpers import (
     EXPORT,
     FIT,
     TEST,
+    end,
     files_of,
     fit,
     fit_args,
+    held_run_env,
     load_checkpoint,
     one_error_line,
     poll_checkpoint,
+    processes_marked,
     run_script,
     scalars,
     script_env,
     stop_mid_epoch_and_resume,
     training_state,
+    wait_for_file,
+    wait_until_gone,
+    with_path,
 )
 
 pytestmark = pytest.mark.reliability
@@ -60,7 +68,7 @@ def test_the_checkpoint_alone_continues_the_run_from_any_directory(data: Path, t
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
-        proc.kill()
+        end(proc)
     assert proc.returncode == 143
     resume_line = next(line for line in err.splitlines() if "resume with: " in line).split("resume with: ")[1]
     assert resume_line == f"python scripts/fit.py --ckpt_path {last}", "complete: the checkpoint carries the rest"
@@ -187,7 +195,7 @@ def test_a_run_in_progress_cannot_be_resumed_twice_and_a_killed_runs_lock_is_tak
         assert f"run folder {folder} is in use by process {proc.pid}" in line
     finally:
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        end(proc)
     assert (folder / ".lock").exists(), "SIGKILL leaves the lock behind"
     one_more = str(load_checkpoint(folder / "checkpoints" / "last.ckpt")["epoch"] + 2)
     resumed = run_script(
@@ -239,15 +247,17 @@ def test_a_run_stopped_mid_epoch_and_resumed_ends_bitwise_as_an_uninterrupted_on
 def test_figures_after_a_resume_are_finite_and_timed_from_the_resume(data: Path, tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     common = ("--max_epochs", "2", "--no_test", "--ckpt_every_n_steps", "1", "--progress", "lines")
-    proc = subprocess.Popen([sys.executable, FIT, *fit_args(data, logs, *common)], env=script_env(tmp_path),
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    env, _ = held_run_env(tmp_path, at_step=3)  # step 2's checkpoint is the run's last: it cannot finish first
+    proc = subprocess.Popen([sys.executable, FIT, *fit_args(data, logs, *common)], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     last = logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt"
     try:
         poll_checkpoint(last, proc, lambda c: c["global_step"] >= 2)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     finally:
-        proc.kill()
+        end(proc)
+    assert load_checkpoint(last)["global_step"] == 2
     started = time.monotonic()
     resumed = run_script(FIT, *fit_args(data, logs, *common, "--ckpt_path", str(last)), tmp_path=tmp_path)
     took = time.monotonic() - started
@@ -259,6 +269,33 @@ def test_figures_after_a_resume_are_finite_and_timed_from_the_resume(data: Path,
         assert all(torch.isfinite(torch.tensor(v)) for _, v in points), tag
     rates = [v for _, v in scalars(logs / "resnet20" / "version_0")["train/images_per_sec"]]
     assert all(rate > 1 for rate in rates), rates
+
+
+@pytest.mark.slow
+def test_a_run_killed_hard_leaves_no_loader_worker_behind(tmp_path: Path) -> None:
+    # Batches of 32 images (98 KB each) fill the workers' pipe while the run is held: a worker of a dead run then
+    # blocks on its way out unless it is ended with its parent.
+    data = make_image_folder(tmp_path / "data", per_class={"train": 60, "test": 2})
+    env, held = held_run_env(tmp_path, at_step=1)
+    mark = uuid.uuid4().hex
+    env["CIFAR_RESNET_TEST_RUN"] = mark  # inherited by the loader workers, also once re-parented
+    args = fit_args(data, tmp_path / "logs", "--max_epochs", "2", "--no_test", "--num_workers", "2", "--batch_size",
+                    "32")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, FIT, *args], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        wait_for_file(held, proc)
+        workers = [pid for pid, _ in processes_marked("CIFAR_RESNET_TEST_RUN", mark) if pid != proc.pid]
+        assert len(workers) >= 2, "the training loader's workers run"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        left = wait_until_gone("CIFAR_RESNET_TEST_RUN", mark, timeout=60)
+        assert left == [], f"still alive after the run was killed: {left}"
+    finally:
+        end(proc)
+        for pid, _ in processes_marked("CIFAR_RESNET_TEST_RUN", mark):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------------------- 6
@@ -304,8 +341,10 @@ def test_a_signal_in_any_phase_exits_non_zero_with_one_line(
     # Validation steps: the sanity check is call 1, the first epoch's validation call 2.
     where, at = {"decoding": ("decoding", 1), "validation": ("validation", 2), "last validation": ("validation", 2),
                  "test": ("test", 1)}[phase]  # fmt: skip
-    env = {**script_env(tmp_path), "PYTHONPATH": str(hook), "PAUSE_MARKER": str(marker), "PAUSE_IN": where,
-           "PAUSE_AT": str(at)}  # fmt: skip
+    env = script_env(tmp_path)
+    env.update(
+        PYTHONPATH=with_path(str(hook), env["PYTHONPATH"]), PAUSE_MARKER=str(marker), PAUSE_IN=where, PAUSE_AT=str(at)
+    )
     logs = tmp_path / "logs"
     epochs = "1" if phase in ("last validation", "test") else "3"
     args = fit_args(data, logs, "--max_epochs", epochs, *(() if phase == "test" else ("--no_test",)))
@@ -319,7 +358,7 @@ def test_a_signal_in_any_phase_exits_non_zero_with_one_line(
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=120)
     finally:
-        proc.kill()
+        end(proc)
     assert proc.returncode == code, err[-2000:]
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.startswith("fit.py")]

@@ -103,3 +103,79 @@ def test_every_cpu_precision_trains_and_evaluates(precision: str, tiny_folder: P
     assert 0.0 <= result["best_val_acc"] <= 1.0 and 0.0 <= result["test_acc"] <= 1.0
     weights = torch.load(result["last_checkpoint"], weights_only=True)["state_dict"]["model.fc.weight"]
     assert weights.dtype == {"bf16-true": torch.bfloat16, "64-true": torch.float64}.get(precision, torch.float32)
+
+
+@pytest.mark.parametrize("saved_channels_last", [True, False])
+def test_a_resume_with_the_other_channels_last_relays_the_momentum_and_updates_as_plain_sgd(
+    saved_channels_last: bool, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+
+    def step(module: ImageClassifier, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(module(x), y).backward()
+        optimizer.step()
+
+    trained = ImageClassifier(arch="resnet20", channels_last=saved_channels_last)
+    trained.configure_model()
+    optimizer = trained.configure_optimizers()
+    step(trained, optimizer)  # momentum buffers now exist, in the saved run's layout
+    torch.save({"weights": trained.state_dict(), "optimizer": optimizer.state_dict()}, tmp_path / "state.pt")
+    saved = torch.load(tmp_path / "state.pt", weights_only=True)
+
+    resumed = ImageClassifier(arch="resnet20", channels_last=not saved_channels_last)
+    resumed.load_state_dict(saved["weights"])
+    resumed.configure_model()
+    optimizer = resumed.configure_optimizers()
+    optimizer.load_state_dict(saved["optimizer"])
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    assert any(p.ndim == 4 and not p.is_contiguous() for p in params) != saved_channels_last, "the layout changed"
+    for param in params:
+        assert optimizer.state[param]["momentum_buffer"].stride() == param.stride()
+
+    # The fused step must equal SGD's rule on the logical values: buf = m * buf + g + wd * w; w -= lr * buf.
+    before = [p.detach().clone() for p in params]
+    buffers = [optimizer.state[p]["momentum_buffer"].clone() for p in params]
+    step(resumed, optimizer)
+    hp = resumed.config
+    for param, weight, buffer in zip(params, before, buffers, strict=True):
+        expected = weight - hp.lr * (hp.momentum * buffer + param.grad + hp.weight_decay * weight)
+        torch.testing.assert_close(param.detach(), expected)
+
+
+@pytest.mark.slow
+def test_a_run_resumed_with_the_other_channels_last_ends_as_one_resumed_with_the_same(
+    tiny_folder: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    first = tmp_path / "first"
+    fit(*fit_args(tiny_folder, first, "--max_epochs", "1", "--no_test", "--channels_last"))
+    copy = tmp_path / "copy"
+    shutil.copytree(first, copy)
+    ends = {}
+    for logs, switch in ((first, "--channels_last"), (copy, "--no_channels_last")):
+        last = logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt"
+        fit(*fit_args(tiny_folder, logs, "--max_epochs", "2", "--no_test", switch, "--ckpt_path", str(last)))
+        ends[switch] = torch.load(last, weights_only=True)["state_dict"]
+    same, other = ends["--channels_last"], ends["--no_channels_last"]
+    # Only the order of float sums differs between the layouts.
+    for key in same:
+        torch.testing.assert_close(other[key], same[key], rtol=1e-3, atol=1e-3, msg=key)
+
+
+@pytest.mark.slow
+def test_compile_compiles_the_training_step_once_per_run(tiny_folder: Path, tmp_path: Path) -> None:
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    # Validation of 6 images in batches of 4 ends with a short batch; the sanity check comes first; then two
+    # epochs of training with validation between them, and the test.
+    args = fit_args(tiny_folder, tmp_path / "logs", "--max_epochs", "2", "--limit_train_batches", "2", "--compile",
+                    "--eval_batch_size", "4")  # fmt: skip
+    with torch._dynamo.config.patch(error_on_recompile=True):  # what TORCH_LOGS=recompiles would report, as an error
+        result = fit(*args)
+    assert 0.0 <= result["test_acc"] <= 1.0
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])

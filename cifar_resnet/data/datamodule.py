@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import os
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from cifar_resnet.data.sources import (
     resolve_dataset,
 )
 from cifar_resnet.data.split import interleave_by_class, stratified_split
+from cifar_resnet.data.workers import worker_init
 from cifar_resnet.errors import UserError
 
 
@@ -381,7 +383,8 @@ class CIFARDataModule(L.LightningDataModule):
         dataset = TensorImageDataset(split)
         workers = 0 if resident else self.config.num_workers
         common = {"num_workers": workers, "collate_fn": keep_batch, "pin_memory": on_gpu and not resident,
-                  "persistent_workers": workers > 0}  # fmt: skip
+                  "persistent_workers": workers > 0,
+                  "worker_init_fn": partial(worker_init, os.getpid(), rank) if workers > 0 else None}  # fmt: skip
         if train:
             # Training order comes from (seed, epoch); one process is simply a world of one.
             batches = EpochBatchSampler(len(dataset), self.config.batch_size, world, rank, self.config.seed,

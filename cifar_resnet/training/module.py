@@ -91,8 +91,13 @@ class ImageClassifier(L.LightningModule):
         if self.config.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if self.config.compile and not getattr(self, "_compiled", False):
-            # Module.compile compiles forward in place, so state-dict keys keep their plain names.
-            self.model.compile()
+            # Compiled once per run, for training only: training batches all have one shape (the loader drops the
+            # short last batch), so shapes are static. Evaluation runs eagerly (see forward): a network in eval
+            # mode under inference mode is another graph (batch norm from running statistics, no autograd), so
+            # compiling it would be a second compile, and a third for a short last batch; evaluating costs a few
+            # percent of an epoch, too little to pay a compile for. Module.compile compiles in place, so
+            # state-dict keys keep their plain names.
+            self.model.compile(dynamic=False)
             self._compiled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,7 +107,10 @@ class ImageClassifier(L.LightningModule):
             x = x.to(weights.dtype)
         if self.config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.model(x)
+        if self.model.training or not getattr(self, "_compiled", False):
+            return self.model(x)
+        with torch.compiler.set_stance("force_eager"):  # a compiled network evaluates eagerly: see configure_model
+            return self.model(x)
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, labels, label_smoothing=self.config.label_smoothing)
@@ -341,13 +349,15 @@ class ImageClassifier(L.LightningModule):
         """Fused SGD (one kernel for the whole update) reading its LR from a tensor on the model's device."""
         hp = self.config
         self._lr = torch.full((), hp.lr, dtype=torch.float32, device=self.device)
-        return torch.optim.SGD(
+        optimizer = torch.optim.SGD(
             self._param_groups(),
             lr=self._lr,
             momentum=hp.momentum,
             nesterov=hp.nesterov and hp.momentum > 0,
             fused=True,
         )
+        optimizer.register_load_state_dict_post_hook(lay_out_state_like_parameters)
+        return optimizer
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The LR tensor belongs to this process; the checkpoint stores the next step's LR as a number, as an
@@ -367,6 +377,22 @@ class ImageClassifier(L.LightningModule):
         self._planned_steps = checkpoint.get("lr_schedule_steps")
         self._tally_epoch = checkpoint.get("tally_epoch")
         _upgrade_automatic_optimization_checkpoint(checkpoint, self.tally.state_dict(prefix="tally."))
+
+
+def lay_out_state_like_parameters(optimizer: torch.optim.Optimizer) -> None:
+    """Give every per-parameter state tensor (SGD's momentum buffer) its parameter's memory layout.
+
+    ``Optimizer.load_state_dict`` keeps the layout a state tensor was saved with, while the weights take the
+    layout of this run (``--channels_last`` may change on resume). The fused SGD kernel assumes the two match:
+    on CUDA it refuses the step, on the CPU it silently pairs the wrong elements. torch has no option to
+    re-lay restored state, so it is done here, once, after each restore.
+    """
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for name, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    state[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def _upgrade_automatic_optimization_checkpoint(checkpoint: dict[str, Any], tally_state: dict[str, Any]) -> None:

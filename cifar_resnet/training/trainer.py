@@ -217,7 +217,6 @@ def build_trainer(config: TrainerConfig, label: RunLabel) -> tuple[L.Trainer, Ch
                         "the CPU; leave it off here")  # fmt: skip
     precision = resolve_precision(config.precision, config.accelerator)
     if uses_cuda(config.accelerator):
-        torch.backends.cudnn.benchmark = not config.deterministic
         torch.set_float32_matmul_precision("high")
     optional: dict[str, Any] = {}
     if config.limit_train_batches is not None:
@@ -236,6 +235,9 @@ def build_trainer(config: TrainerConfig, label: RunLabel) -> tuple[L.Trainer, Ch
             logger=logger,
             callbacks=callbacks,
             deterministic=config.deterministic,
+            # cudnn.benchmark times algorithms anew in each process and may pick others after a resume: on only
+            # where results need not be bitwise reproducible.
+            benchmark=uses_cuda(config.accelerator) and not config.deterministic,
             fast_dev_run=config.fast_dev_run,
             enable_progress_bar=progress is not None,
             log_every_n_steps=config.log_every_n_steps,
