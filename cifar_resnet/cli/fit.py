@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -26,7 +27,7 @@ from cifar_resnet.data.stats import describe_data
 from cifar_resnet.errors import UserError
 from cifar_resnet.training.loggers import check_logger_package
 from cifar_resnet.training.module import ImageClassifier
-from cifar_resnet.training.records import RunClock, build_record, write_record
+from cifar_resnet.training.records import RECORD_NAME, RunClock, build_record, write_record
 from cifar_resnet.training.reliability import StopSignals, TrainingInterruptedError, sigterm_stop
 from cifar_resnet.training.resume import ResumePlan, plan_resume
 from cifar_resnet.training.runs import RunLocation, claim_run_folder, run_location_of, run_lock
@@ -42,6 +43,18 @@ def absolute_paths(config: FitConfig) -> FitConfig:
                    cache_dir=str(Path(data.cache_dir).expanduser().resolve()) if data.cache_dir else None)  # fmt: skip
     trainer = replace(config.trainer, log_dir=str(Path(config.trainer.log_dir).expanduser().resolve()))
     return replace(config, data=data, trainer=trainer)
+
+
+def _has_record(checkpoint: Path, max_epochs: int) -> bool:
+    """Whether the run folder of ``checkpoint`` holds the record of a run finished at ``max_epochs``."""
+    location = run_location_of(checkpoint)
+    record = location.path / RECORD_NAME if location is not None else None
+    if record is None or not record.is_file():
+        return False
+    try:
+        return json.loads(record.read_text()).get("epochs") == max_epochs
+    except (OSError, ValueError):
+        return False
 
 
 def _best_epoch(best_path: str) -> int | None:
@@ -105,11 +118,15 @@ def _fit(config: FitConfig, explicit: Collection[str], command: list[str]) -> di
         changed = f"; changed: {', '.join(plan.notes)}" if plan.notes else ""
         say(f"resuming {plan.checkpoint} (epoch {plan.epochs_done} of {max_epochs} done, step {plan.step})"
               f"{changed}", flush=True)  # fmt: skip
+        plan.check_length(max_epochs)
         if plan.epochs_done >= max_epochs:
-            epochs = f"{plan.epochs_done} epoch{'s' if plan.epochs_done != 1 else ''}"
-            say(f"the run is finished: {epochs} trained of --max_epochs {max_epochs}; nothing to do (raise "
-                  "--max_epochs to train longer)", flush=True)  # fmt: skip
-            return {"finished_already": True}
+            if _has_record(plan.checkpoint, max_epochs):
+                epochs = f"{plan.epochs_done} epoch{'s' if plan.epochs_done != 1 else ''}"
+                say(f"the run is finished: {epochs} trained of --max_epochs {max_epochs}; nothing to do (raise "
+                      "--max_epochs to train longer)", flush=True)  # fmt: skip
+                return {"finished_already": True}
+            # Training is complete but a stop cut the final test (or the record) short: do them now.
+            say("training is complete; running the final test and writing the record", flush=True)
     else:
         for note in plan.notes:
             say(note, flush=True)
@@ -294,8 +311,8 @@ def interruption_message(stop: TrainingInterruptedError) -> str:
         return f"{stop}; nothing was trained, nothing to resume"
     if stop.phase.startswith("after training") or stop.phase == "during the final test":
         return (
-            f"{stop}; training is complete ({stop.checkpoint}); test it with: python scripts/test.py --ckpt_path "
-            f"{Path(stop.checkpoint).resolve()}"
+            f"{stop}; training is complete ({stop.checkpoint}); run the final test and write the run's record with: "
+            f"{resume_command(stop.checkpoint)}"
         )
     return f"{stop}, checkpoint written; resume with: {resume_command(stop.checkpoint)}"
 

@@ -60,3 +60,23 @@ def mark_validation_pending(checkpoint: dict[str, Any]) -> None:
     for part in ("total", "current"):
         val[part] = {"ready": 1, "started": 1, "processed": 0, "completed": 0}
     val["is_last_batch"] = False
+
+
+def completed_epochs(checkpoint: dict[str, Any]) -> int:
+    """Epochs whose training a checkpoint has finished (a mid-epoch checkpoint counts its epoch as not done)."""
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    return int(progress.get("processed", checkpoint.get("epoch", 0)))
+
+
+def epoch_in_progress(checkpoint: dict[str, Any]) -> bool:
+    """Whether a checkpoint was written inside an epoch (its training or its validation not finished)."""
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    return int(progress.get("started", 0)) > int(progress.get("processed", 0))
+
+
+def batches_done_in_epoch(checkpoint: dict[str, Any]) -> int:
+    """Training batches a checkpoint has finished in the epoch it was written in (0 at an epoch's start)."""
+    if not epoch_in_progress(checkpoint):
+        return 0
+    progress = checkpoint["loops"]["fit_loop"].get(TRAIN_BATCH_PROGRESS, {}).get("current", {})
+    return int(progress.get("completed", 0))

@@ -10,7 +10,8 @@ from typing import Any
 
 from cifar_resnet.config import DataConfig, FitConfig, ModelConfig, as_dict, option_spec, upgrade_names
 from cifar_resnet.errors import UserError
-from cifar_resnet.training.runs import completed_epochs, find_last_checkpoint, newest_last_checkpoint, read_checkpoint
+from cifar_resnet.training.lightning_compat import completed_epochs, epoch_in_progress
+from cifar_resnet.training.runs import find_last_checkpoint, newest_last_checkpoint, read_checkpoint
 
 RUN_CONFIG_KEY = "run_config"  # where a checkpoint keeps the flat config of its run
 
@@ -25,6 +26,26 @@ class ResumePlan:
     step: int = 0
     notes: list[str] = field(default_factory=list)
     stored: dict[str, Any] = field(default_factory=dict)  # the checkpoint itself, for identity checks
+
+    @property
+    def mid_epoch(self) -> bool:
+        """Whether the checkpoint was written inside an epoch (its training or validation not finished)."""
+        return epoch_in_progress(self.stored)
+
+    def position(self) -> str:
+        """Where the run stands, as the progress lines count epochs (from 1)."""
+        if self.mid_epoch:
+            return f"inside epoch {self.epochs_done + 1} (step {self.step})"
+        return f"after epoch {self.epochs_done} (step {self.step})"
+
+    def check_length(self, max_epochs: int) -> None:
+        """Refuse a ``--max_epochs`` that ends before the point the run has reached."""
+        reached = self.epochs_done + (1 if self.mid_epoch else 0)
+        if max_epochs < reached:
+            raise UserError(
+                f"--max_epochs {max_epochs} ends before the run's position ({self.position()} of {self.checkpoint}); "
+                f"pass --max_epochs {reached} or more, or start a new run"
+            )
 
 
 def as_flag(name: str, value: Any) -> str:
