@@ -144,11 +144,10 @@ def test_cutout_zeroes_one_clipped_square_per_sample(size: int) -> None:
 
 
 def test_colour_jitter_above_one_draws_factors_from_0_as_torchvision_does() -> None:
-    x = torch.full((400, 3, 4, 4), 0.5)
+    x = torch.full((400, 3, 4, 4), 0.1) + torch.linspace(0, 0.2, 4).view(1, 1, 1, 4)
     for b, c, s in ((2.0, 0, 0), (0, 2.0, 0), (0, 0, 2.0)):
-        out = color_jitter(x + torch.linspace(0, 0.2, 4).view(1, 1, 1, 4), _gen(), b, c, s, 0)
-        flat = out.flatten(1)
-        assert torch.all(flat.amax(1) > 0), "a factor below 0 would blank (or grey out) whole images"
+        out = color_jitter(x, _gen(), b, c, s, 0)
+        assert torch.all(out.flatten(1).amax(1) > 0), "a factor below 0 would blank whole images"
         if b:
-            factors = out[:, 0, 0, 0] / 0.5
-            assert factors.min() >= 0 and factors.max() <= 3 + 1e-5 and factors.max() > 2
+            factors = out[:, 0, 0, 0] / 0.1
+            assert factors.min() >= 0 and factors.max() <= 3 + 1e-5 and factors.max() > 2.5
