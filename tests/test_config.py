@@ -86,11 +86,11 @@ def test_a_config_file_value_of_the_wrong_type_is_one_line_naming_option_and_fil
         (
             ["--color_jitter", "0.4", "0.4", "0.4", "2"],
             "--color_jitter must be brightness, contrast and saturation of 0 or more and a hue from 0 to 0.5",
-        ),  # fmt: skip
+        ),
         (
             ["--color_jitter", "0.4", "-0.1", "0.4", "0.1"],
             "a hue from 0 to 0.5 (a fraction of a turn each way), got 0.4 -0.1 0.4 0.1",
-        ),  # fmt: skip
+        ),
         (["--color_jitter", "0.4", "0.4", "0.4", "-0.1"], "a hue from 0 to 0.5"),
         (["--label_smoothing", "1"], "--label_smoothing must be at least 0 and below 1, got 1.0"),
         (["--label_smoothing", "-0.1"], "--label_smoothing must be at least 0 and below 1, got -0.1"),
