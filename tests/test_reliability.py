@@ -332,6 +332,23 @@ def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_folder: Path
         assert len(lines) == 1 and expected in lines[0], proc.stderr
 
 
+def test_a_log_dir_that_cannot_be_written_is_one_line(tiny_folder: Path, tmp_path: Path, capsys, monkeypatch):
+    logs = tmp_path / "logs"
+    real_mkdir = Path.mkdir
+
+    def refused(self: Path, *args, **kwargs) -> None:  # as a folder without write permission answers (EACCES)
+        if self == logs or logs in self.parents:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    assert cli.main(fit_args(tiny_folder, logs, "--max_epochs", "1")) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == [f"fit.py: error: --log_dir {logs}: cannot create the run folder (Permission denied: {logs / 'resnet20'}); "
+                   "pass a --log_dir you can write to"]  # fmt: skip
+    assert not logs.exists()
+
+
 # ---------------------------------------------------------------------------------------------- 8
 
 

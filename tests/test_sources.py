@@ -174,3 +174,19 @@ def test_truncated_cifar_batch_is_a_user_error(tmp_path: Path) -> None:
 def test_missing_cifar_files_without_network_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no CIFAR-10 files"):
         load_cifar10(tmp_path / "empty", train=True)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_class_folder_that_is_a_broken_link_or_a_link_loop_is_refused_naming_it(split: str, tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "broken")
+    (root / split / "class_3").symlink_to(tmp_path / "moved_away")
+    with pytest.raises(UserError, match=rf"class folder {root}/{split}/class_3 is a broken symbolic link \(to "):
+        load_image_folder(root / split, cache_dir=None)
+
+    root = make_image_folder(tmp_path / "loop")
+    (root / split / "class_3").symlink_to(root / split / "class_3")
+    with pytest.raises(UserError, match=rf"class folder {root}/{split}/class_3 is a symbolic link loop"):
+        load_image_folder(root / split, cache_dir=None)
+    if split == "train":
+        with pytest.raises(UserError, match="is a symbolic link loop"):
+            _ = CIFARDataModule(str(root)).num_classes  # the class count a run is built with
