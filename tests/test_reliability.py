@@ -344,7 +344,8 @@ def test_a_log_dir_that_cannot_be_written_is_one_line(tiny_folder: Path, tmp_pat
     monkeypatch.setattr(Path, "mkdir", refused)
     assert cli.main(fit_args(tiny_folder, logs, "--max_epochs", "1")) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert err == [f"fit.py: error: --log_dir {logs}: cannot create the run folder (Permission denied: {logs / 'resnet20'}); "
+    refused_at = logs / "resnet20"
+    assert err == [f"fit.py: error: --log_dir {logs}: cannot create the run folder (Permission denied: {refused_at}); "
                    "pass a --log_dir you can write to"]  # fmt: skip
     assert not logs.exists()
 
