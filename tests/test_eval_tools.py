@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import importlib.util
 import json
 import os
@@ -304,3 +305,13 @@ def test_the_confusion_figure_is_drawn_within_its_time_budget(monkeypatch: pytes
     assert report._figure_due(2, last_epoch=False)
     every_third = eval_callbacks.ValidationReport(figure_every_n_epochs=3)
     assert [every_third._figure_due(e, last_epoch=False) for e in range(6)] == [False, False, True] * 2
+
+
+@pytest.mark.parametrize("script", ["test", "plot", "results", "predict", "export", "benchmark"])
+def test_help_shows_each_default_once_and_none_for_options_without_one(script: str) -> None:
+    module = importlib.import_module(f"cifar_resnet.cli.{script}")
+    text = " ".join(module.build_parser().format_help().split())  # help lines joined as one
+    assert "(default: None)" not in text and "(default: False)" not in text, text
+    assert ") (default:" not in text, f"a default said twice: {text}"
+    if script == "test":
+        assert "evaluation batch size (default: 512)" in text and "(default: <run>/eval-<ckpt stem>)" in text

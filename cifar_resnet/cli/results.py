@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cifar_resnet.cli.common import OneLineErrorParser, run_reporting_user_errors
+from cifar_resnet.cli.common import DefaultsHelpFormatter, OneLineErrorParser, run_reporting_user_errors
 from cifar_resnet.errors import UserError
 from cifar_resnet.tools.results import deduplicate, read_records, repeat_warning, results_table, summarize
 
@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="results.py",
         description="Collect the result.json of finished runs into a table: one row per recipe, mean ± std "
         "(sample std, n - 1) over the seeds.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("paths", nargs="*", default=["lightning_logs"], help="run folders, log folders or record files")
     p.add_argument("--markdown", action="store_true", help="a Markdown table (for the README)")
