@@ -129,6 +129,27 @@ def test_data_without_a_test_split_points_to_split_val(trained: dict[str, Path],
     assert result.split == "val" and result.count == 6  # the checkpoint's --val_size, same seed
 
 
+def test_test_evaluates_a_folder_of_only_test_images_and_never_decodes_training_images(
+    trained: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cifar_resnet.data import datamodule
+
+    held_out = make_image_folder(tmp_path / "held_out", per_class={"test": 4}, seed=3)
+    decoded: list[str] = []
+    real = datamodule.load_image_folder
+    monkeypatch.setattr(
+        datamodule, "load_image_folder", lambda d, cache: decoded.append(Path(d).name) or real(d, cache)
+    )
+    result, _ = run_test("--ckpt_path", str(trained["ckpt"]), "--data_dir", str(held_out), "--out", str(tmp_path / "h"))
+    assert (result.split, result.count, decoded) == ("test", 12, ["test"])
+    expected = load_image_folder(held_out / "test", cache_dir=None)
+    assert result.labels.tolist() == expected.labels.tolist()
+
+    decoded.clear()
+    result, _ = run_test("--ckpt_path", str(trained["ckpt"]), "--out", str(tmp_path / "own"))  # has train/ too
+    assert (result.count, decoded) == (TEST_IMAGES, ["test"])
+
+
 def test_predict_resizes_any_image_and_returns_sorted_probabilities(trained: dict[str, Path], tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     folder = tmp_path / "images"

@@ -277,6 +277,12 @@ class CIFARDataModule(L.LightningDataModule):
             return load_torchvision(self.data_dir, train=train, dataset=self.source)
         return load_image_folder(self.data_dir / ("train" if train else "test"), self.cache_dir)
 
+    def load_test_split(self) -> ImageSplit | None:
+        """The test split alone, without decoding the training images (None where there is none)."""
+        if self.test_split is not None:
+            return self.test_split
+        return self._load(train=False) if self.has_test_split else None
+
     def setup(self, stage: str | None = None) -> None:
         """Load the splits (idempotent: a second call keeps what is loaded)."""
         if self.train_split is not None:
