@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -228,6 +229,39 @@ def test_load_model_takes_images_in_0_1_and_matches_the_checkpoints_module(
         bogus = tmp_path / "bogus.pt"
         torch.save({"weights": torch.zeros(1)}, bogus)
         load_model(bogus)
+
+
+def test_load_model_refuses_uint8_images_knows_its_classes_and_names_files_it_cannot_read(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    from cifar_resnet import load_model
+
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    scripted, _ = export_checkpoint(trained["ckpt"], "torchscript", tmp_path / "m.pt")
+    for path in (trained["ckpt"], scripted):
+        model = load_model(path)
+        assert list(model.classes) == ["class_0", "class_1", "class_2"], path
+        with pytest.raises(Exception, match=r"images must be floats in \[0, 1\].*divide uint8 pixels by 255"):
+            model(pixels)
+        assert model(pixels.float() / 255).shape == (2, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch marks TorchScript as deprecated
+        plain = torch.jit.load(str(scripted))  # without this package: the file itself carries the names
+    assert list(plain.classes) == ["class_0", "class_1", "class_2"]
+
+    noise = tmp_path / "noise.ckpt"
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"\x08\x07\x12\x07pytorch" + noise.read_bytes()[:512])
+    payload = tmp_path / "payload.pt"
+    torch.save({"state_dict": {}, "generator": np.random.default_rng(0)}, payload)  # needs unpickling code
+    for path, reason in ((noise, "not a zip archive as torch.save writes"), (onnx, "an ONNX model, which onnxruntime"),
+                         (payload, "it holds Python objects other than tensors")):  # fmt: skip
+        with pytest.raises(UserError) as err:
+            load_model(path)
+        message = str(err.value)
+        assert message.startswith(f"{path} is not a model file of fit.py or export.py ({reason}"), message
+        assert "weights_only" not in message and "\n" not in message
 
 
 @pytest.mark.slow
