@@ -15,7 +15,7 @@ import lightning as L
 import torch
 
 from cifar_resnet import tables
-from cifar_resnet.cli.common import OneLineErrorParser, run_reporting_user_errors
+from cifar_resnet.cli.common import DefaultsHelpFormatter, OneLineErrorParser, run_reporting_user_errors
 from cifar_resnet.cli.quiet import quiet_lightning
 from cifar_resnet.config import DataConfig
 from cifar_resnet.data import CIFARDataModule
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineErrorParser(
         prog="benchmark.py",
         description="Measure data-pipeline and training throughput against plain baselines.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to measure")
     p.add_argument("--data_dir", default="./data", help="image folder (DIR/train/<class>/*) or CIFAR-10 files")

@@ -165,7 +165,7 @@ def build_trainer(config: TrainerConfig, label: RunLabel) -> tuple[L.Trainer, Ch
             filename=BEST_CHECKPOINT_PATTERN,
             monitor="val/acc",
             mode="max",
-            save_top_k=1,
+            save_top_k=0 if config.limit_val_batches == 0 else 1,  # no validation: nothing to select on
             auto_insert_metric_name=False,
         ),
         # Since Lightning 2.6, save_last=True writes last.ckpt only when a top-k checkpoint is saved in the
