@@ -251,6 +251,7 @@ def test_a_failed_write_stops_the_run_at_the_next_batch_end_with_one_line_and_ke
         real_save(obj, target)
 
     steps: list[int] = []
+    reported: list[int] = []  # steps that began once the writer had reported its failure
     plain_step = ImageClassifier.training_step
 
     def step(self, batch, batch_idx):
@@ -258,6 +259,7 @@ def test_a_failed_write_stops_the_run_at_the_next_batch_end_with_one_line_and_ke
         if self.trainer.global_step == 6:  # the first batch after epoch 1: its last.ckpt failed in the background
             io = self.trainer.strategy.checkpoint_io
             wait_for(lambda: getattr(io, "failed", False), "the failed write is reported to the training thread")
+            reported.append(self.trainer.global_step)
         return plain_step(self, batch, batch_idx)
 
     monkeypatch.setattr(reliability, "atomic_torch_save", save)
@@ -269,7 +271,7 @@ def test_a_failed_write_stops_the_run_at_the_next_batch_end_with_one_line_and_ke
     assert err[0].startswith(f"fit.py: error: could not write checkpoint {last} ({reason}); the previous last.ckpt"), (
         err
     )
-    assert steps == [0, 1, 2, 3, 4, 5, 6], "stopped at the end of the first batch after the failure, not later"
+    assert reported == [6] and steps == [0, 1, 2, 3, 4, 5, 6], "stopped at the end of the first batch after it"
     assert last_writes == [3, 6]
     kept = load_checkpoint(last)
     assert (kept["epoch"], kept["global_step"]) == (0, 3), "the previous last.ckpt is intact"
