@@ -136,7 +136,7 @@ def test_host_copies_fall_back_to_pageable_memory_when_pinning_fails_and_keep_th
     # Pinning needs a CUDA driver: without one (this CPU machine) it fails as on a host out of pinnable memory.
     if torch.cuda.is_available():
         pytest.skip("pinning works here; the fallback is exercised where it fails")
-    buffer = copier._host_buffer(weight)
+    buffer = copier._host_buffer(weight, pinned=True)
     assert not copier.pin, "the failure switches pinning off for the rest of the run"
     assert buffer.device.type == "cpu" and not buffer.is_pinned()
     assert buffer.shape == weight.shape and buffer.stride() == weight.stride(), "channels_last stays channels_last"

@@ -159,36 +159,43 @@ class HostCopier:
     CUDA tensors go into pinned host memory with ``non_blocking`` copies queued on the current stream (after the
     steps that produced them), then the stream is synchronised once. If pinned memory cannot be had, the copies
     go to ordinary (pageable) memory for the rest of the run; such a copy returns only once done, and the one
-    synchronise still follows. CPU tensors are cloned: training changes them in place. Other devices copy
+    synchronise still follows. CPU tensors are copied too: training changes them in place. Other devices copy
     blocking. Layouts are kept (``empty_like``), so a channels_last tensor is saved as channels_last.
 
-    Pinned blocks come from torch's caching host allocator: after the first save the same sizes are reused once
-    the writer has dropped them (there is never more than one write pending), not allocated anew.
+    The host buffers are kept and reused by the next call (allocating and first touching some 200 MB each save
+    costs more than the copy), so a call's copies are valid until the next call. :class:`BackgroundCheckpointIO`
+    copies only once the previous write is done, so the writer never sees a buffer change under it.
     """
 
     def __init__(self) -> None:
         self.pin = True
+        self._buffers: dict[tuple[Any, ...], list[torch.Tensor]] = {}
 
     def __call__(self, tree: Any) -> Any:
         cuda_devices: set[torch.device] = set()
+        spare = {key: list(buffers) for key, buffers in self._buffers.items()}
+        used: dict[tuple[Any, ...], list[torch.Tensor]] = {}
 
         def copy(tensor: torch.Tensor) -> torch.Tensor:
             tensor = tensor.detach()
-            if tensor.device.type == "cpu":
-                return tensor.clone()
-            if tensor.device.type != "cuda":
+            if tensor.device.type not in ("cpu", "cuda"):
                 return tensor.to("cpu")
-            cuda_devices.add(tensor.device)
-            host = self._host_buffer(tensor)
+            pinned = tensor.device.type == "cuda"
+            key = (tensor.dtype, tensor.shape, tensor.stride(), pinned)
+            host = spare[key].pop() if spare.get(key) else self._host_buffer(tensor, pinned)
+            used.setdefault(key, []).append(host)
+            if pinned:
+                cuda_devices.add(tensor.device)
             return host.copy_(tensor, non_blocking=host.is_pinned())
 
         copied = apply_to_collection(tree, torch.Tensor, copy)
         for device in cuda_devices:  # the one wait: every copy above is queued on this stream
             torch.cuda.current_stream(device).synchronize()
+        self._buffers = used
         return copied
 
-    def _host_buffer(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.pin:
+    def _host_buffer(self, tensor: torch.Tensor, pinned: bool) -> torch.Tensor:
+        if pinned and self.pin:
             try:
                 return torch.empty_like(tensor, device="cpu", pin_memory=True)
             except RuntimeError as err:  # no pinnable memory left (or no driver to pin with): pageable instead
