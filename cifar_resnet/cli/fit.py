@@ -306,6 +306,11 @@ def interruption_message(stop: TrainingInterruptedError) -> str:
             f"{stop}; training is complete ({stop.checkpoint}); test it with: python scripts/test.py --ckpt_path "
             f"{Path(stop.checkpoint).resolve()}"
         )
+    if not stop.written:  # the stop wrote nothing: the run's newest file is older, and complete (atomic writes)
+        return (
+            f"{stop}; no checkpoint written now, the latest complete one is {stop.checkpoint}; resume with: "
+            f"{resume_command(stop.checkpoint)}"
+        )
     return f"{stop}, checkpoint written; resume with: {resume_command(stop.checkpoint)}"
 
 
@@ -324,6 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingInterruptedError as stop:
         say(f"fit.py: {interruption_message(stop)}", file=sys.stderr, flush=True)
         return stop.exit_code
+    except KeyboardInterrupt:  # Ctrl-C before the run's own signal handlers are installed
+        say("fit.py: stopped by SIGINT before training; no checkpoint written", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
     if not result.get("finished_already") and not result.get("described_data"):
         _report(result, request.config)
     return 0

@@ -28,10 +28,12 @@ from cifar_resnet.training.loggers import build_logger
 from cifar_resnet.training.records import RunClock
 from cifar_resnet.training.reliability import (
     BackgroundCheckpointIO,
+    CheckpointWriteWatch,
     DivergenceStop,
     GracefulInterrupt,
     RNGState,
     RunFolderRelocation,
+    StepCheckpoint,
     StopSignals,
 )
 from cifar_resnet.training.reporting import ValidationReport
@@ -181,6 +183,7 @@ def build_trainer(config: TrainerConfig, label: RunLabel) -> tuple[L.Trainer, Ch
         RNGState(),
         DivergenceStop(config.max_nonfinite_steps),
         GracefulInterrupt(checkpoints.last, label.signals),
+        CheckpointWriteWatch(),
         EpochThroughput(),
         AugmentationPreview(),
         ValidationReport(config.confusion_every_n_epochs),
@@ -192,7 +195,7 @@ def build_trainer(config: TrainerConfig, label: RunLabel) -> tuple[L.Trainer, Ch
     if config.ckpt_every_n_steps:
         # Mid-epoch saves rewrite the same last.ckpt (a ModelCheckpoint saves per step or per epoch, not both).
         callbacks.append(
-            ModelCheckpoint(
+            StepCheckpoint(
                 dirpath=ckpt_dir,
                 filename="last",
                 every_n_train_steps=config.ckpt_every_n_steps,
@@ -202,7 +205,7 @@ def build_trainer(config: TrainerConfig, label: RunLabel) -> tuple[L.Trainer, Ch
     progress = _progress_callback(config.progress)
     if progress is not None:
         callbacks.append(progress)
-    plugins: list[Any] = [BackgroundCheckpointIO()]
+    plugins: list[Any] = [BackgroundCheckpointIO(label.signals)]
     if SLURMEnvironment.detect():
         # SLURM's SIGTERM (time limit, pre-emption) stops the run through GracefulInterrupt, which writes last.ckpt;
         # a requeued job continues it with --ckpt_path auto. Lightning's own requeue would write a separate
