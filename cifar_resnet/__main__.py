@@ -29,7 +29,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"cifar_resnet: error: unknown command {command!r}; one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    return importlib.import_module(f"cifar_resnet.cli.{command}").main(rest)
+    try:
+        return importlib.import_module(f"cifar_resnet.cli.{command}").main(rest)
+    except KeyboardInterrupt:  # Ctrl-C while Lightning loads, or before the command handles signals itself
+        print(f"cifar_resnet {command}: stopped by SIGINT (Ctrl-C)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from cifar_resnet.data.images import IMAGE_SIZE
 from cifar_resnet.models import list_models
 
 # What a resumed run may change: "free" options change how a run is carried out (length, devices, logging);
@@ -185,12 +186,35 @@ def parse_devices(text_value: str) -> int | str | list[int]:
     return int(text_value)
 
 
+MAX_SEED = 2**32 - 1
+
+
+def seed_value(value: Any) -> int:
+    """A seed numpy (and so ``L.seed_everything``) accepts: 0 to 2**32 - 1."""
+    if not _is_int(value) or not 0 <= value <= MAX_SEED:
+        raise ValueError(f"must be an integer from 0 to {MAX_SEED}, got {value!r}")
+    return value
+
+
+def below_image_side(value: Any) -> int:
+    """Pixels of a crop padding or a cutout square: below the side of the images (every source is resized to
+    ``IMAGE_SIZE``), so that no crop and no cutout can cover a whole image."""
+    if not _is_int(value) or not 0 <= value < IMAGE_SIZE:
+        raise ValueError(f"must be an integer from 0 to {IMAGE_SIZE - 1} (below the {IMAGE_SIZE}-pixel image side; "
+                         f"0 is off), got {value!r}")  # fmt: skip
+    return value
+
+
 def four_jitters(value: Any) -> tuple[float, float, float, float] | None:
+    """torchvision's ColorJitter ranges: brightness, contrast and saturation 0 or more, hue from 0 to 0.5."""
     if value is None:
         return None
     if not isinstance(value, list | tuple) or len(value) != 4:
         raise ValueError(f"must be four numbers (brightness contrast saturation hue), got {value!r}")
-    return tuple(non_negative_float(v) for v in value)  # type: ignore[return-value]
+    if not all(_is_number(v) for v in value) or min(value[:3]) < 0 or not 0 <= value[3] <= 0.5:
+        raise ValueError(f"must be brightness, contrast and saturation of 0 or more and a hue from 0 to 0.5 (a "
+                         f"fraction of a turn each way), got {' '.join(map(str, value))}")  # fmt: skip
+    return tuple(float(v) for v in value)  # type: ignore[return-value]
 
 
 def milestone_fractions(value: Any) -> tuple[float, ...]:
@@ -302,7 +326,8 @@ class DataConfig(_Options):
                             on_resume="free")  # fmt: skip
     val_size: int = option(5000, "training images held out for validation (stratified); 0 validates on the "
                            "test split", DATA, check=non_negative_int)  # fmt: skip
-    seed: int = option(0, "seeds the weights, the split, the data order and the augmentation", DATA, check=any_int)
+    seed: int = option(0, "seeds the weights, the split, the data order and the augmentation (0 to 2**32 - 1)", DATA,
+                       check=seed_value)  # fmt: skip
     batch_size: int = option(128, "training batch size per process", DATA, check=positive_int)
     eval_batch_size: int = option(1024, "validation and test batch size", DATA, check=positive_int, on_resume="free")
     num_workers: int = option(0, "DataLoader worker processes (batches come from memory: 0 is usually fastest)",
@@ -311,14 +336,16 @@ class DataConfig(_Options):
                                    check=optional(a_path), on_resume="free")  # fmt: skip
     data_on_device: bool = option(True, "keep the uint8 data set on the GPU and index batches there (CUDA only)",
                                   SPEED, check=switch, on_resume="free")  # fmt: skip
-    crop_padding: int = option(4, "random-crop padding in pixels; 0 is off", AUGMENT, check=non_negative_int)
+    crop_padding: int = option(4, "random-crop padding in pixels (below the image side); 0 is off", AUGMENT,
+                              check=below_image_side)  # fmt: skip
     hflip: bool = option(True, "random horizontal flip", AUGMENT, check=switch, aliases=("--no-hflip",))
     color_jitter: tuple[float, float, float, float] | None = option(
-        None, "colour jitter: brightness contrast saturation hue", AUGMENT, check=four_jitters, nargs=4,
-        metavar=("B", "C", "S", "H"))  # fmt: skip
+        None, "colour jitter: brightness contrast saturation (0 or more) hue (0 to 0.5)", AUGMENT,
+        check=four_jitters, nargs=4, metavar=("B", "C", "S", "H"))  # fmt: skip
     random_resized_crop: bool = option(False, "random resized crop (scale 0.1-1, ratio 0.5-2) before the padded "
                                        "crop", AUGMENT, check=switch)  # fmt: skip
-    cutout: int = option(0, "cutout square side in pixels; 0 is off", AUGMENT, check=non_negative_int)
+    cutout: int = option(0, "cutout square side in pixels (below the image side); 0 is off", AUGMENT,
+                        check=below_image_side)  # fmt: skip
     policy: str = option("none", "per-image augmentation policy after crop and flip: AutoAugment (CIFAR-10 policy), "
                          "RandAugment or TrivialAugmentWide", AUGMENT,
                          check=one_of("none", "autoaugment", "randaugment", "trivialaugment"),

@@ -2,7 +2,11 @@
 
 import sys
 
-from cifar_resnet.cli.export import main
+try:
+    from cifar_resnet.cli.export import main
 
-if __name__ == "__main__":
-    sys.exit(main())
+    if __name__ == "__main__":
+        sys.exit(main())
+except KeyboardInterrupt:  # Ctrl-C while torch and Lightning load, or before the script handles signals itself
+    print("export.py: stopped by SIGINT (Ctrl-C)", file=sys.stderr)
+    sys.exit(130)

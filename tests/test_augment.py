@@ -141,3 +141,13 @@ def test_cutout_zeroes_one_clipped_square_per_sample(size: int) -> None:
     assert areas.max() == size * size and areas.min() >= (size // 2) ** 2
     rows_hit, cols_hit = holes.any(2).sum(1), holes.any(1).sum(1)
     assert torch.equal(rows_hit * cols_hit, areas), "the hole is a rectangle"
+
+
+def test_colour_jitter_above_one_draws_factors_from_0_as_torchvision_does() -> None:
+    x = torch.full((400, 3, 4, 4), 0.1) + torch.linspace(0, 0.2, 4).view(1, 1, 1, 4)
+    for b, c, s in ((2.0, 0, 0), (0, 2.0, 0), (0, 0, 2.0)):
+        out = color_jitter(x, _gen(), b, c, s, 0)
+        assert torch.all(out.flatten(1).amax(1) > 0), "a factor below 0 would blank whole images"
+        if b:
+            factors = out[:, 0, 0, 0] / 0.1
+            assert factors.min() >= 0 and factors.max() <= 3 + 1e-5 and factors.max() > 2.5

@@ -136,3 +136,15 @@ def test_benchmark_recipes_times_each_policy_and_mix_and_its_share_of_a_step(
             added = max(0.0, 1 / figures[f"recipes/{name}"]["value"] - 1 / base)
             assert figures[f"recipes/{name}/share_of_step"]["value"] == pytest.approx(100 * added / (1 / step + added))
     assert "| recipes/autoaugment " in out, "the table lists the figures"
+
+
+def test_benchmark_checkpoint_times_a_save_per_arch_without_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    missing = tmp_path / "no_data_here"
+    assert benchmark_main(["--checkpoint", "--device", "cpu", "--archs", "resnet20", "--iterations", "2",
+                           "--data_dir", str(missing)]) == 0  # fmt: skip
+    figures = {f["name"]: f for f in map(json.loads, (x for x in capsys.readouterr().out.splitlines() if x[:1] == "{"))}
+    assert set(figures) == {"checkpoint/resnet20/training_thread", "checkpoint/resnet20/background_write"}
+    for figure in figures.values():
+        assert figure["unit"] == "ms per save" and figure["value"] > 0
+        assert 1.5 < figure["details"]["megabytes"] < 3, "resnet20's weights and momentum: about 2.2 MB"
+    assert not missing.exists()

@@ -13,8 +13,8 @@ import torch
 import yaml
 
 from cifar_resnet.cli import fit as cli
-from cifar_resnet.cli.arguments import config_yaml, load_config_file, presets, resolve
-from cifar_resnet.config import DataConfig, FitConfig, ModelConfig, TrainerConfig
+from cifar_resnet.cli.arguments import _base_type, config_yaml, load_config_file, presets, resolve
+from cifar_resnet.config import SECTIONS, DataConfig, FitConfig, ModelConfig, TrainerConfig, field_types, specs
 from cifar_resnet.errors import UserError
 from tests.conftest import REPO_ROOT
 from tests.helpers import fit, fit_args
@@ -46,6 +46,71 @@ def test_a_bad_config_file_is_one_clear_error(content: str, message: str, tmp_pa
     bad.write_text(content)
     with pytest.raises(UserError, match=message):
         resolve(["--config", str(bad)])
+
+
+def _wrongly_typed_values() -> list[tuple[str, str]]:
+    """(option, YAML value of the wrong type) for every option: a mapping for each, and a word for each option that
+    is not free text."""
+    cases = []
+    for section in SECTIONS:
+        hints = field_types(section)
+        for f, spec in specs(section):
+            cases.append((f.name, "{a: 1}"))
+            if _base_type(hints[f.name]) is not str or spec.choices is not None:
+                cases.append((f.name, "fast"))
+    return cases
+
+
+@pytest.mark.parametrize(("name", "value"), _wrongly_typed_values())
+def test_a_config_file_value_of_the_wrong_type_is_one_line_naming_option_and_file(
+    name: str, value: str, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"{name}: {value}\n")
+    with pytest.raises(UserError) as err:
+        resolve(["--config", str(bad)])
+    message = str(err.value)
+    assert message.startswith(f"--{name} must be ") and message.endswith(f"(in --config {bad})"), message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--seed", "-5"], "--seed must be an integer from 0 to 4294967295, got -5"),
+        (["--seed", str(2**32)], f"--seed must be an integer from 0 to 4294967295, got {2**32}"),
+        (["--cutout", "100"], "--cutout must be an integer from 0 to 31 (below the 32-pixel image side; 0 is off)"),
+        (["--cutout", "32"], "--cutout must be an integer from 0 to 31"),
+        (["--crop_padding", "100"], "--crop_padding must be an integer from 0 to 31 (below the 32-pixel image side"),
+        (["--crop_padding", "-1"], "--crop_padding must be an integer from 0 to 31"),
+        (
+            ["--color_jitter", "0.4", "0.4", "0.4", "2"],
+            "--color_jitter must be brightness, contrast and saturation of 0 or more and a hue from 0 to 0.5",
+        ),
+        (
+            ["--color_jitter", "0.4", "-0.1", "0.4", "0.1"],
+            "a hue from 0 to 0.5 (a fraction of a turn each way), got 0.4 -0.1 0.4 0.1",
+        ),
+        (["--color_jitter", "0.4", "0.4", "0.4", "-0.1"], "a hue from 0 to 0.5"),
+        (["--label_smoothing", "1"], "--label_smoothing must be at least 0 and below 1, got 1.0"),
+        (["--label_smoothing", "-0.1"], "--label_smoothing must be at least 0 and below 1, got -0.1"),
+        (["--mixup", "-1"], "--mixup must be 0 or a positive number, got -1.0"),
+        (["--cutmix", "inf"], "--cutmix must be 0 or a positive number, got inf"),
+        (["--randaugment_magnitude", "31"], "--randaugment_magnitude must be an integer from 0 to 30, got 31"),
+        (["--randaugment_num_ops", "0"], "--randaugment_num_ops must be a positive integer, got 0"),
+    ],
+)
+def test_values_an_operation_cannot_mean_are_refused_with_the_valid_range(argv: list[str], message: str) -> None:
+    with pytest.raises(UserError) as err:
+        resolve(argv)
+    assert message in str(err.value)
+
+
+def test_the_edges_of_each_augmentation_range_are_accepted() -> None:
+    argv = ["--seed", str(2**32 - 1), "--cutout", "31", "--crop_padding", "31", "--color_jitter", "3", "3", "3", "0.5",
+            "--label_smoothing", "0.99", "--mixup", "0", "--randaugment_magnitude", "30"]  # fmt: skip
+    data = resolve(argv).config.data
+    assert (data.seed, data.cutout, data.crop_padding, data.color_jitter) == (2**32 - 1, 31, 31, (3.0, 3.0, 3.0, 0.5))
 
 
 def test_print_config_writes_yaml_that_resolves_to_the_same_config(capsys: pytest.CaptureFixture[str]) -> None:

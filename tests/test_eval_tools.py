@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,6 +130,27 @@ def test_data_without_a_test_split_points_to_split_val(trained: dict[str, Path],
     assert result.split == "val" and result.count == 6  # the checkpoint's --val_size, same seed
 
 
+def test_test_evaluates_a_folder_of_only_test_images_and_never_decodes_training_images(
+    trained: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cifar_resnet.data import datamodule
+
+    held_out = make_image_folder(tmp_path / "held_out", per_class={"test": 4}, seed=3)
+    decoded: list[str] = []
+    real = datamodule.load_image_folder
+    monkeypatch.setattr(
+        datamodule, "load_image_folder", lambda d, cache: decoded.append(Path(d).name) or real(d, cache)
+    )
+    result, _ = run_test("--ckpt_path", str(trained["ckpt"]), "--data_dir", str(held_out), "--out", str(tmp_path / "h"))
+    assert (result.split, result.count, decoded) == ("test", 12, ["test"])
+    expected = load_image_folder(held_out / "test", cache_dir=None)
+    assert result.labels.tolist() == expected.labels.tolist()
+
+    decoded.clear()
+    result, _ = run_test("--ckpt_path", str(trained["ckpt"]), "--out", str(tmp_path / "own"))  # has train/ too
+    assert (result.count, decoded) == (TEST_IMAGES, ["test"])
+
+
 def test_predict_resizes_any_image_and_returns_sorted_probabilities(trained: dict[str, Path], tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     folder = tmp_path / "images"
@@ -206,6 +229,39 @@ def test_load_model_takes_images_in_0_1_and_matches_the_checkpoints_module(
         bogus = tmp_path / "bogus.pt"
         torch.save({"weights": torch.zeros(1)}, bogus)
         load_model(bogus)
+
+
+def test_load_model_refuses_uint8_images_knows_its_classes_and_names_files_it_cannot_read(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    from cifar_resnet import load_model
+
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    scripted, _ = export_checkpoint(trained["ckpt"], "torchscript", tmp_path / "m.pt")
+    for path in (trained["ckpt"], scripted):
+        model = load_model(path)
+        assert list(model.classes) == ["class_0", "class_1", "class_2"], path
+        with pytest.raises(Exception, match=r"images must be floats in \[0, 1\].*divide uint8 pixels by 255"):
+            model(pixels)
+        assert model(pixels.float() / 255).shape == (2, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch marks TorchScript as deprecated
+        plain = torch.jit.load(str(scripted))  # without this package: the file itself carries the names
+    assert list(plain.classes) == ["class_0", "class_1", "class_2"]
+
+    noise = tmp_path / "noise.ckpt"
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"\x08\x07\x12\x07pytorch" + noise.read_bytes()[:512])
+    payload = tmp_path / "payload.pt"
+    torch.save({"state_dict": {}, "generator": np.random.default_rng(0)}, payload)  # needs unpickling code
+    for path, reason in ((noise, "not a zip archive as torch.save writes"), (onnx, "an ONNX model, which onnxruntime"),
+                         (payload, "it holds Python objects other than tensors")):  # fmt: skip
+        with pytest.raises(UserError) as err:
+            load_model(path)
+        message = str(err.value)
+        assert message.startswith(f"{path} is not a model file of fit.py or export.py ({reason}"), message
+        assert "weights_only" not in message and "\n" not in message
 
 
 @pytest.mark.slow
@@ -304,3 +360,14 @@ def test_the_confusion_figure_is_drawn_within_its_time_budget(monkeypatch: pytes
     assert report._figure_due(2, last_epoch=False)
     every_third = eval_callbacks.ValidationReport(figure_every_n_epochs=3)
     assert [every_third._figure_due(e, last_epoch=False) for e in range(6)] == [False, False, True] * 2
+
+
+@pytest.mark.parametrize("script", ["test", "plot", "results", "predict", "export", "benchmark"])
+def test_help_shows_each_default_once_and_none_for_options_without_one(script: str) -> None:
+    module = importlib.import_module(f"cifar_resnet.cli.{script}")
+    text = " ".join(module.build_parser().format_help().split())  # help lines joined as one
+    assert "(default: None)" not in text and "(default: False)" not in text, text
+    for option in text.split(" --")[1:]:  # one option and its help each
+        assert option.count("(default") <= 1, f"a default said twice: --{option}"
+    if script == "test":
+        assert "evaluation batch size (default: 512)" in text and "(default: <run>/eval-<ckpt stem>)" in text

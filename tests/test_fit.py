@@ -192,3 +192,40 @@ def test_durations_read_as_hours_minutes_or_seconds() -> None:
     assert [format_duration(s) for s in (0.4, 45, 60, 754.6, 3600, 11_100)] == [
         "0s", "45s", "1m 00s", "12m 35s", "1h 00m", "3h 05m"
     ]  # fmt: skip
+
+
+def test_the_summary_says_why_a_test_or_a_validation_is_missing_without_lightnings_warning(
+    tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], recwarn: pytest.WarningsRecorder
+) -> None:
+    assert cli.main(fit_args(tiny_folder, tmp_path / "a", "--max_epochs", "1", "--no_test")) == 0
+    out = capsys.readouterr().out
+    assert "test acc        not measured (--no_test)" in out and "no test split" not in out, "tiny_folder has test/"
+
+    assert cli.main(fit_args(tiny_folder, tmp_path / "b", "--max_epochs", "2", "--limit_val_batches", "0")) == 0
+    out = capsys.readouterr().out
+    assert "validation      none (--limit_val_batches 0): no best checkpoint; the test used the last weights" in out
+    assert "test acc" in out
+    assert not [w for w in recwarn if "could not find the monitored key" in str(w.message)], "Lightning's warning"
+
+
+def test_fast_dev_run_leaves_no_run_folder(tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    logs = tmp_path / "logs"
+    assert cli.main(fit_args(tiny_folder, logs, "--fast_dev_run")) == 0
+    assert not list(logs.rglob("*")), "nothing saved"
+    assert "curves" not in capsys.readouterr().out, "no curves to look at"
+
+
+def test_resuming_with_another_log_dir_says_it_has_no_effect(
+    tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    logs, elsewhere = tmp_path / "logs", tmp_path / "elsewhere"
+    fit(*fit_args(tiny_folder, logs, "--max_epochs", "1", "--no_test"))
+    last = logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt"
+    capsys.readouterr()
+    argv = fit_args(tiny_folder, elsewhere, "--max_epochs", "2", "--no_test", "--ckpt_path", str(last))
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"--log_dir {elsewhere} has no effect: the run continues in {logs / 'resnet20' / 'version_0'}" in out
+    assert "(was --log_dir" not in out and not elsewhere.exists()
+    assert f"tensorboard --logdir {logs}" in out
+    assert torch.load(last, weights_only=True)["epoch"] == 1, "the run went on in its own folder"

@@ -244,6 +244,16 @@ def _bad_inputs(tmp_path: Path, data: Path, ckpt: Path) -> list[tuple[list[str],
     truncated.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "payload": np.random.default_rng(0)}, evil)  # needs unpickling code
+    noise = tmp_path / "noise.ckpt"
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"\x08\x07\x12\x07pytorch" + noise.read_bytes()[:512])
+    wrong_type = tmp_path / "wrong_type.yaml"
+    wrong_type.write_text("weight_decay: fast\n")  # (--lr is on the command line)
+    loop = make_image_folder(tmp_path / "class_loop")
+    (loop / "train" / "class_3").symlink_to(loop / "train" / "class_3")
+    dangling = make_image_folder(tmp_path / "class_dangling")
+    (dangling / "test" / "class_3").symlink_to(tmp_path / "gone")
     return [
         (["--arch", "resnet9000"], "--arch must be one of resnet18, resnet34, "),
         (["--max_epochs", "0"], "--max_epochs must be a positive integer, got 0"),
@@ -265,6 +275,18 @@ def _bad_inputs(tmp_path: Path, data: Path, ckpt: Path) -> list[tuple[list[str],
         (["--accelerator", "gpu"], "cannot run on this machine"),
         (["--accelerator", "cpu", "--devices", "512"], "--devices 512 on the CPU, but this machine has"),
         (["--devices", "0"], "--devices must be auto, a positive count, -1, or a list of device ids, got 0"),
+        (["--ckpt_path", str(noise)], f"--ckpt_path {noise} is not a loadable checkpoint (not a zip archive as"),
+        (["--ckpt_path", str(onnx)], f"--ckpt_path {onnx} is not a loadable checkpoint (an ONNX model, which"),
+        (
+            ["--config", str(wrong_type)],
+            f"--weight_decay must be 0 or a positive number, got 'fast' (in --config {wrong_type})",
+        ),
+        (["--seed", "-5"], "--seed must be an integer from 0 to 4294967295, got -5"),
+        (["--seed", "4294967296"], "--seed must be an integer from 0 to 4294967295, got 4294967296"),
+        (["--cutout", "100"], "--cutout must be an integer from 0 to 31 (below the 32-pixel image side"),
+        (["--crop_padding", "100"], "--crop_padding must be an integer from 0 to 31 (below the 32-pixel image side"),
+        (["--data_dir", str(loop)], f"class folder {loop}/train/class_3 is a symbolic link loop"),
+        (["--data_dir", str(dangling)], f"class folder {dangling}/test/class_3 is a broken symbolic link (to "),
     ]
 
 
@@ -294,7 +316,8 @@ def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_folder: Path
         except SystemExit as stop:  # argparse errors
             code = stop.code
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-        if code != 2 or len(err) != 1 or not err[0].startswith("fit.py: error: ") or expected not in err[0]:
+        advice = any("weights_only" in line for line in err)  # torch's advice to load code from the file
+        if code != 2 or len(err) != 1 or not err[0].startswith("fit.py: error: ") or expected not in err[0] or advice:
             failures.append((extra, code, err))
     assert not failures, failures
     assert sorted((p, os.stat(p).st_mtime_ns) for p, _ in before) == before, "nothing overwritten"
@@ -307,6 +330,24 @@ def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_folder: Path
         lines = [line for line in proc.stderr.splitlines() if line.startswith("fit.py")]  # not Lightning's info
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert len(lines) == 1 and expected in lines[0], proc.stderr
+
+
+def test_a_log_dir_that_cannot_be_written_is_one_line(tiny_folder: Path, tmp_path: Path, capsys, monkeypatch):
+    logs = tmp_path / "logs"
+    real_mkdir = Path.mkdir
+
+    def refused(self: Path, *args, **kwargs) -> None:  # as a folder without write permission answers (EACCES)
+        if self == logs or logs in self.parents:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    assert cli.main(fit_args(tiny_folder, logs, "--max_epochs", "1")) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    refused_at = logs / "resnet20"
+    assert err == [f"fit.py: error: --log_dir {logs}: cannot create the run folder (Permission denied: {refused_at}); "
+                   "pass a --log_dir you can write to"]  # fmt: skip
+    assert not logs.exists()
 
 
 # ---------------------------------------------------------------------------------------------- 8

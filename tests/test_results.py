@@ -51,6 +51,30 @@ def test_runs_that_differ_only_by_seed_make_one_row_with_mean_sample_std_and_n(t
     assert all("-" in cell for cell in rules), f"every Markdown rule cell needs a '-': {rules}"  # the n column too
 
 
+def test_a_run_repeated_with_the_same_seed_options_and_data_counts_once_and_is_named(tmp_path: Path, capsys) -> None:
+    original = _record(tmp_path, 0, 0.175, 600.0)
+    copied = tmp_path / "copy" / "result.json"  # a copied run folder
+    copied.parent.mkdir()
+    copied.write_text(original.read_text())
+    replayed = _record(tmp_path, 0, 0.176, 610.0)  # the same seed run again (GPU arithmetic may differ a little)
+    _record(tmp_path, 1, 0.20, 600.0)
+    _record(tmp_path / "other_data", 0, 0.30, 600.0)  # another data fingerprint: a sample of another row
+    other = json.loads((tmp_path / "other_data" / "run0-0.3" / "result.json").read_text())
+    other["data"]["fingerprint"] = "def"
+    (tmp_path / "other_data" / "run0-0.3" / "result.json").write_text(json.dumps(other))
+
+    rows = summarize(read_records([tmp_path]))
+    assert sorted((row.n, tuple(row.seeds)) for row in rows) == [(1, (0,)), (2, (0, 1))]
+    (row,) = [row for row in rows if row.n == 2]
+    assert row.val == [0.175, 0.20], "the first of the repeated runs in path order stands for them"
+
+    assert results_cli.main([str(tmp_path)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    folders = ", ".join(str(p.parent) for p in sorted([copied, original, replayed], key=str))
+    assert err == [f"results.py: warning: counted once: 3 runs with seed 0 and the same options and data ({folders}); "
+                   "a replayed or copied run is not another sample"]  # fmt: skip
+
+
 def test_results_script_says_what_is_wrong_in_one_line(tmp_path: Path, capsys) -> None:
     assert results_cli.main([str(tmp_path / "missing")]) == 2
     assert results_cli.main([str(tmp_path)]) == 2

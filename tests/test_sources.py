@@ -174,3 +174,52 @@ def test_truncated_cifar_batch_is_a_user_error(tmp_path: Path) -> None:
 def test_missing_cifar_files_without_network_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no CIFAR-10 files"):
         load_cifar10(tmp_path / "empty", train=True)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_class_folder_that_is_a_broken_link_or_a_link_loop_is_refused_naming_it(split: str, tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "broken")
+    (root / split / "class_3").symlink_to(tmp_path / "moved_away")
+    with pytest.raises(UserError, match=rf"class folder {root}/{split}/class_3 is a broken symbolic link \(to "):
+        load_image_folder(root / split, cache_dir=None)
+
+    root = make_image_folder(tmp_path / "loop")
+    (root / split / "class_3").symlink_to(root / split / "class_3")
+    with pytest.raises(UserError, match=rf"class folder {root}/{split}/class_3 is a symbolic link loop"):
+        load_image_folder(root / split, cache_dir=None)
+    if split == "train":
+        with pytest.raises(UserError, match="is a symbolic link loop"):
+            _ = CIFARDataModule(str(root)).num_classes  # the class count a run is built with
+
+
+def test_a_cache_folder_that_cannot_be_written_is_one_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_image_folder(tmp_path / "d")
+    cache = tmp_path / "read_only_cache"
+
+    def refused(obj: object, path: Path) -> None:  # as a folder without write permission answers (EACCES)
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(sources, "atomic_torch_save", refused)
+    dm = CIFARDataModule(str(root), val_size=6, batch_size=8, cache_dir=str(cache))
+    with pytest.warns(UserWarning) as caught:
+        dm.prepare_data()  # train and test
+        dm.setup("fit")  # both again
+    messages = [str(w.message) for w in caught if "cache" in str(w.message)]
+    assert messages == [f"cannot write the decoded-image cache in {cache} (Permission denied); images are decoded "
+                        "again on every run: pass --cache_dir with a folder you can write to"]  # fmt: skip
+
+
+def test_the_augmentation_preview_is_a_seeded_sample_across_classes(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "d", classes=4, per_class={"train": 20})
+    dm = CIFARDataModule(
+        str(root), val_size=8, batch_size=8, crop_padding=0, hflip=False
+    )  # no augmentation: images as stored
+    dm.setup("fit")
+    preview = dm.augmented_preview(8, seed=1)
+    pixels = (preview * 255).round().to(torch.uint8)
+    train = dm.train_split
+    found = [next(i for i in range(len(train)) if torch.equal(train.images[i], image)) for image in pixels]
+    assert sorted(train.labels[found].tolist()) == [0, 0, 1, 1, 2, 2, 3, 3], "every class, in turn"
+    assert torch.equal(dm.augmented_preview(8, seed=1), preview), "seeded"
+    assert not torch.equal(dm.augmented_preview(8, seed=2), preview)
+    assert found != sorted(found), "a sample, not the first images"

@@ -162,8 +162,8 @@ def _from_yaml(name: str, value: Any) -> Any:
             if f.name == name and isinstance(value, str) and _base_type(hints[name]) is not str:
                 try:
                     return text_parser(hints[name], spec)(value)
-                except ValueError:
-                    return value  # the option's check reports it
+                except (ValueError, argparse.ArgumentTypeError):
+                    return value  # the option's check reports it, naming the option and the file
     return value
 
 

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 
 from cifar_resnet import tables
-from cifar_resnet.cli.common import OneLineErrorParser, run_reporting_user_errors
+from cifar_resnet.cli.common import DefaultsHelpFormatter, OneLineErrorParser, run_reporting_user_errors
 from cifar_resnet.cli.quiet import quiet_lightning
 from cifar_resnet.config import DataConfig
 from cifar_resnet.data import CIFARDataModule
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineErrorParser(
         prog="benchmark.py",
         description="Measure data-pipeline and training throughput against plain baselines.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to measure")
     p.add_argument("--data_dir", default="./data", help="image folder (DIR/train/<class>/*) or CIFAR-10 files")
@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="time the augmentation recipes (each policy, MixUp, CutMix) and their share of a training step of the "
         "first arch, instead of the pipeline and training figures",
+    )
+    p.add_argument(
+        "--checkpoint",
+        action="store_true",
+        help="time a checkpoint save of each arch as the training thread sees it (and the write beside it), instead "
+        "of the pipeline and training figures; needs no data",
     )
     return p
 
@@ -117,7 +123,8 @@ class _Plan:
 def _plan(args: argparse.Namespace) -> _Plan:
     _check_counts(args)
     # CIFAR-10 is downloaded only into the default folder: a mistyped --data_dir is an error, not a download.
-    check_data_dir(args.data_dir, may_download=args.data_dir == DataConfig().data_dir)
+    if not getattr(args, "checkpoint", False):
+        check_data_dir(args.data_dir, may_download=args.data_dir == DataConfig().data_dir)
     if args.profile_trace and Path(args.profile_trace).exists():
         raise UserError(f"--profile_trace {args.profile_trace} exists; choose another file name")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -271,6 +278,17 @@ def _recipe_figures(plan: _Plan, dm: CIFARDataModule, rounds: int, record: _Reco
             record(f"recipes/{name}/share_of_step", 100 * added / (1 / step + added), "% of a step", arch=arch)
 
 
+def _checkpoint_figures(plan: _Plan, saves: int) -> list[Figure]:
+    """The training thread's cost of a checkpoint save per arch (median of ``saves``), and the background write."""
+    print(f"# {_environment(plan.device)}; checkpoint saves, median of {saves}", flush=True)
+    record = _Recorder(plan)
+    for arch in plan.archs:
+        cost = benchmark.checkpoint_save_cost(arch, plan.device, saves)
+        record(f"checkpoint/{arch}/training_thread", cost.training_thread_ms, "ms per save", megabytes=cost.megabytes)
+        record(f"checkpoint/{arch}/background_write", cost.background_write_ms, "ms per save", megabytes=cost.megabytes)
+    return record.figures
+
+
 def run(args: argparse.Namespace) -> list[Figure]:
     plan = _plan(args)
     if plan.on_gpu:
@@ -284,6 +302,8 @@ def run(args: argparse.Namespace) -> list[Figure]:
         dm.setup("fit")
         return dm
 
+    if args.checkpoint:
+        return _checkpoint_figures(plan, args.iterations or 5)
     dm = make_dm(args.workers)
     batches = " ".join(map(str, plan.batches))
     print(f"# {_environment(plan.device)}; batch {batches}; precision {plan.precision}; workers {args.workers}",

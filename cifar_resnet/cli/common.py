@@ -19,6 +19,20 @@ def run_reporting_user_errors(prog: str, work: Callable[[], int]) -> int:
         return 2
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help lines end with ``(default: X)`` where there is a default to show: not for options without one (None,
+    or an off switch), nor where the help text already says its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default is None or default is False or default == argparse.SUPPRESS:
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return f"{text} (default: %(default)s)"
+        return text
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """argparse that reports a bad argument on one line (no usage dump) and exits with status 2."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from cifar_resnet.cli.common import OneLineErrorParser, run_reporting_user_errors
+from cifar_resnet.cli.common import DefaultsHelpFormatter, OneLineErrorParser, run_reporting_user_errors
 from cifar_resnet.tools.export import FORMATS, export_checkpoint
 
 
@@ -13,7 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineErrorParser(
         prog="export.py",
         description="Export a checkpoint's model as a plain file usable without Lightning.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--ckpt_path", required=True, help="a checkpoint written by fit.py")
     p.add_argument("--format", required=True, choices=list(FORMATS), help="file format")

@@ -100,8 +100,10 @@ def _run_folder(config: FitConfig, plan: ResumePlan, rank_zero: bool) -> tuple[R
     if os.environ.get(RUN_FOLDER_ENV):
         folder = Path(os.environ[RUN_FOLDER_ENV])
         return RunLocation(folder.parent.parent, folder.parent.name, folder.name), False
-    if not rank_zero:
-        return None, False  # the other processes' loggers write nothing; checkpoints follow rank 0's folder
+    if not rank_zero or config.trainer.fast_dev_run:
+        # The other processes' loggers write nothing, and checkpoints follow rank 0's folder; a --fast_dev_run
+        # writes no log and no checkpoint at all, so it claims no folder.
+        return None, False
     return claim_run_folder(config.trainer.log_dir, config.model.arch), True
 
 
@@ -275,15 +277,22 @@ def _report(result: dict[str, Any], config: FitConfig) -> None:
     if "test_acc" in result:
         note = "  (selected on this same split: --val_size 0)" if result.get("test_selected_on_test") else ""
         lines.append(f"  test acc        {result['test_acc']:.4f}{note}")
+    elif not config.run.test:
+        lines.append("  test acc        not measured (--no_test)")
     elif not config.trainer.fast_dev_run:
         lines.append("  test acc        not measured (no test split; add DATA_DIR/test/<class>/*)")
+    if config.trainer.limit_val_batches == 0:
+        lines.append(
+            "  validation      none (--limit_val_batches 0): no best checkpoint; the test used the last weights"
+        )
     if result.get("best_checkpoint"):
         lines.append(f"  best checkpoint {result['best_checkpoint']}")
     if result.get("last_checkpoint"):
         lines.append(f"  resume with     {resume_command(result['last_checkpoint'])}")
     if result.get("run_dir"):
         lines.append(f"  run folder      {result['run_dir']}")
-    lines.append(f"  curves          {result.get('curves') or curves_hint(config.trainer, result.get('run_dir'))}")
+    if not config.trainer.fast_dev_run:  # a dry run logs nothing
+        lines.append(f"  curves          {result.get('curves') or curves_hint(config.trainer, result.get('run_dir'))}")
     say("\n".join(lines), flush=True)
 
 
@@ -314,6 +323,11 @@ def interruption_message(stop: TrainingInterruptedError) -> str:
             f"{stop}; training is complete ({stop.checkpoint}); run the final test and write the run's record with: "
             f"{resume_command(stop.checkpoint)}"
         )
+    if not stop.written:  # the stop wrote nothing: the run's newest file is older, and complete (atomic writes)
+        return (
+            f"{stop}; no checkpoint written now, the latest complete one is {stop.checkpoint}; resume with: "
+            f"{resume_command(stop.checkpoint)}"
+        )
     return f"{stop}, checkpoint written; resume with: {resume_command(stop.checkpoint)}"
 
 
@@ -332,6 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingInterruptedError as stop:
         say(f"fit.py: {interruption_message(stop)}", file=sys.stderr, flush=True)
         return stop.exit_code
+    except KeyboardInterrupt:  # Ctrl-C before the run's own signal handlers are installed
+        say("fit.py: stopped by SIGINT before training; no checkpoint written", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
     if not result.get("finished_already") and not result.get("described_data"):
         _report(result, request.config)
     return 0

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cifar_resnet.cli.common import OneLineErrorParser, run_reporting_user_errors
+from cifar_resnet.cli.common import DefaultsHelpFormatter, OneLineErrorParser, run_reporting_user_errors
 from cifar_resnet.tools.curves import plot_run
 
 
@@ -14,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineErrorParser(
         prog="plot.py",
         description="PNG curves of loss, accuracy and learning rate of a run folder.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("run_dir", help="a run folder, e.g. lightning_logs/resnet20/version_0")
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/plots)")

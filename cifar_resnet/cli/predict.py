@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from cifar_resnet.cli.common import OneLineErrorParser, run_reporting_user_errors
+from cifar_resnet.cli.common import DefaultsHelpFormatter, OneLineErrorParser, run_reporting_user_errors
 from cifar_resnet.data.sources import IMAGE_SIZE
 from cifar_resnet.errors import UserError
 from cifar_resnet.tables import format_table
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineErrorParser(
         prog="predict.py",
         description="Top-k classes with probabilities for image files (any size; resized to 32x32).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--ckpt_path", required=True, help="a checkpoint written by fit.py")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from cifar_resnet.cli.common import OneLineErrorParser, run_reporting_user_errors
+from cifar_resnet.cli.common import DefaultsHelpFormatter, OneLineErrorParser, run_reporting_user_errors
 from cifar_resnet.tools.evaluate import evaluate_checkpoint, format_report
 
 
@@ -14,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineErrorParser(
         prog="test.py",
         description="Evaluate a checkpoint: accuracy, per-class accuracy, confusion matrix, calibration, mistakes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--ckpt_path", required=True, help="a checkpoint written by fit.py")
     p.add_argument("--data_dir", default=None, help="evaluate on this data instead of the checkpoint's")

@@ -110,19 +110,19 @@ def color_jitter(
 ) -> torch.Tensor:
     """Per-sample brightness, contrast, saturation and hue jitter of a float batch in [0, 1].
 
-    Factors are drawn like torchvision's ColorJitter (``U(1-b, 1+b)``, hue ``U(-h, h)`` of a turn) and
+    Factors are drawn like torchvision's ColorJitter (``U(max(0, 1-b), 1+b)``, hue ``U(-h, h)`` of a turn) and
     applied in that fixed order. Hue is rotated in YIQ space, a per-sample-friendly stand-in for the HSV
     rotation torchvision uses (same hue turn, slightly different saturation handling).
     """
     n = x.shape[0]
     if brightness > 0:
-        x = (x * _per_sample(_uniform(n, 1 - brightness, 1 + brightness, gen), x)).clamp(0, 1)
+        x = (x * _per_sample(_uniform(n, max(0.0, 1 - brightness), 1 + brightness, gen), x)).clamp(0, 1)
     if contrast > 0:
         mean = _grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
-        c = _per_sample(_uniform(n, 1 - contrast, 1 + contrast, gen), x)
+        c = _per_sample(_uniform(n, max(0.0, 1 - contrast), 1 + contrast, gen), x)
         x = (c * x + (1 - c) * mean).clamp(0, 1)
     if saturation > 0:
-        s = _per_sample(_uniform(n, 1 - saturation, 1 + saturation, gen), x)
+        s = _per_sample(_uniform(n, max(0.0, 1 - saturation), 1 + saturation, gen), x)
         x = (s * x + (1 - s) * _grayscale(x)).clamp(0, 1)
     if hue > 0:
         angle = _uniform(n, -hue, hue, gen) * 2 * math.pi

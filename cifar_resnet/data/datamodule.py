@@ -279,6 +279,12 @@ class CIFARDataModule(L.LightningDataModule):
             return load_torchvision(self.data_dir, train=train, dataset=self.source)
         return load_image_folder(self.data_dir / ("train" if train else "test"), self.cache_dir)
 
+    def load_test_split(self) -> ImageSplit | None:
+        """The test split alone, without decoding the training images (None where there is none)."""
+        if self.test_split is not None:
+            return self.test_split
+        return self._load(train=False) if self.has_test_split else None
+
     def setup(self, stage: str | None = None) -> None:
         """Load the splits (idempotent: a second call keeps what is loaded)."""
         if self.train_split is not None:
@@ -455,11 +461,18 @@ class CIFARDataModule(L.LightningDataModule):
             return self.training_batch(images, labels, trainer.current_epoch, trainer.global_rank, position)
         return self.normalize(images), labels
 
-    def augmented_preview(self, count: int = 64, seed: int = 0) -> torch.Tensor:
-        """The first ``count`` training images augmented (policy and mixing included) as in training, in [0, 1]
-        for display."""
+    def preview_indices(self, count: int = 64, seed: int = 0) -> torch.Tensor:
+        """``count`` training images drawn with ``seed``, classes in turn: a preview shows the data, not the first
+        images of the first class."""
         assert self.train_split is not None, "call setup() first"
-        images = self.train_split.images[:count]
+        drawn = torch.randperm(len(self.train_split), generator=torch.Generator().manual_seed(seed))
+        return drawn[interleave_by_class(self.train_split.labels[drawn])][:count]
+
+    def augmented_preview(self, count: int = 64, seed: int = 0) -> torch.Tensor:
+        """``count`` training images (:meth:`preview_indices`) augmented (policy and mixing included) as in
+        training, in [0, 1] for display."""
+        assert self.train_split is not None, "call setup() first"
+        images = self.train_split.images[self.preview_indices(count, seed)]
         gen = torch.Generator().manual_seed(seed)
         augmented = self.train_augment(images, gen)
         if self.mixes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -77,8 +78,30 @@ def _walk_files(folder: Path, seen: set[tuple[int, int]]) -> list[Path]:
 
 
 def class_names(split_dir: Path) -> list[str]:
-    """The class folders of ``split_dir``, sorted (hidden folders such as ``.ipynb_checkpoints`` left out)."""
-    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """The class folders of ``split_dir``, sorted (hidden folders such as ``.ipynb_checkpoints`` left out).
+
+    A link among them that leads nowhere (a broken link or a link loop) is a UserError: leaving it out would
+    train on one class fewer without a word.
+    """
+    names = []
+    for entry in split_dir.iterdir():
+        if entry.name.startswith("."):
+            continue
+        if entry.is_symlink() and not entry.exists():
+            raise UserError(f"class folder {entry} {_dead_link(entry)}")
+        if entry.is_dir():
+            names.append(entry.name)
+    return sorted(names)
+
+
+def _dead_link(link: Path) -> str:
+    """What is wrong with a symbolic link that does not lead to a file or folder."""
+    try:
+        link.stat()
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "is a symbolic link loop (it leads back to itself); remove the link"
+    return f"is a broken symbolic link (to {os.readlink(link)}); remove it or restore its target"
 
 
 def list_image_folder(split_dir: Path) -> tuple[list[tuple[str, int]], list[str]]:

@@ -298,5 +298,21 @@ def load_image_folder(split_dir: str | os.PathLike[str], cache_dir: str | os.Pat
             atomic_torch_save({"images": split.images, "labels": split.labels, "classes": list(classes),
                                "paths": paths}, cache_file)  # fmt: skip
         except OSError as err:
-            warnings.warn(f"could not write the decoded-image cache {cache_file}: {err}", stacklevel=2)
+            _warn_unwritable_cache(Path(cache_dir), err)  # type: ignore[arg-type]
     return split
+
+
+_UNWRITABLE_CACHES: set[Path] = set()  # cache folders already reported, so each is reported once per process
+
+
+def _warn_unwritable_cache(folder: Path, err: OSError) -> None:
+    """One warning per cache folder that cannot be written (every split and every load would repeat it)."""
+    if folder in _UNWRITABLE_CACHES:
+        return
+    _UNWRITABLE_CACHES.add(folder)
+    reason = err.strerror or str(err)
+    warnings.warn(
+        f"cannot write the decoded-image cache in {folder} ({reason}); images are decoded again on every run: pass "
+        "--cache_dir with a folder you can write to",
+        stacklevel=3,
+    )

@@ -475,3 +475,42 @@ def epoch_overhead(
         with contextlib.redirect_stdout(io.StringIO()):
             trainer.fit(model, datamodule=dm)
     return gap.gaps[-1]
+
+
+@dataclass(frozen=True)
+class SaveCost:
+    """What one checkpoint save costs: the training thread's share, and the write that runs beside training."""
+
+    training_thread_ms: float  # median over the timed saves
+    background_write_ms: float  # median; the next save waits for it only if it comes sooner
+    megabytes: float
+
+
+def checkpoint_save_cost(arch: str, device: torch.device, saves: int) -> SaveCost:
+    """Time ``saves`` checkpoint saves of ``arch``'s state as ``fit.py`` writes them (weights, buffers and SGD momentum
+    through its background checkpoint IO), after one untimed save that allocates the host buffers."""
+    from cifar_resnet.training.reliability import BackgroundCheckpointIO
+
+    model = create_model(arch).to(device)
+    momentum = {i: {"momentum_buffer": torch.randn_like(p)} for i, p in enumerate(model.parameters())}
+    checkpoint = {
+        "global_step": 0,
+        "state_dict": {f"model.{name}": value for name, value in model.state_dict().items()},
+        "optimizer_states": [{"state": momentum, "param_groups": [{"lr": 0.1}]}],
+    }
+    writer = BackgroundCheckpointIO()
+    on_thread, in_background = [], []
+    with tempfile.TemporaryDirectory() as folder:
+        target = Path(folder) / "last.ckpt"
+        for index in range(saves + 1):
+            _sync(device)
+            start = time.perf_counter()
+            writer.save_checkpoint(checkpoint, target)
+            returned = time.perf_counter()
+            writer.wait()
+            if index:
+                on_thread.append(returned - start)
+                in_background.append(time.perf_counter() - returned)
+        writer.teardown()
+        size = target.stat().st_size
+    return SaveCost(1000 * statistics.median(on_thread), 1000 * statistics.median(in_background), size / 1e6)

@@ -97,9 +97,12 @@ def load_eval_split(trained: TrainedModel, data_dir: str | None, split: str, cac
     data_dir = data_dir or hp.get("data_dir")
     if data_dir is None:
         raise UserError(f"--ckpt_path {trained.path} does not record its data; pass --data_dir")
+    dataset = str(hp.get("dataset", "auto"))
+    if split == "test" and (Path(data_dir) / "test").is_dir():
+        dataset = "imagefolder"  # DIR/test/<class>/* is enough: a held-out folder needs no training split
     datamodule = CIFARDataModule(
         data_dir=data_dir,
-        dataset=str(hp.get("dataset", "auto")),
+        dataset=dataset,
         val_size=int(hp.get("val_size", 5000)),
         seed=int(hp.get("seed", 0)),
         cache_dir=cache_dir,
@@ -109,8 +112,7 @@ def load_eval_split(trained: TrainedModel, data_dir: str | None, split: str, cac
             f"{data_dir} has no test split ({data_dir}/test/<class>/* is missing); pass --split val to evaluate "
             "on the held-out validation split (same seed, same images), or --data_dir with a test split"
         )
-    datamodule.setup("test")
-    chosen = datamodule.test_split if split == "test" else datamodule.val_split
+    chosen = datamodule.load_test_split() if split == "test" else _validation_split(datamodule)
     if chosen is None or len(chosen) == 0:
         raise UserError(f"the {split} split of {data_dir} is empty (the checkpoint was trained with --val_size 0?)")
     if list(chosen.classes) != list(trained.classes):
@@ -120,6 +122,11 @@ def load_eval_split(trained: TrainedModel, data_dir: str | None, split: str, cac
             "the checkpoint's class folders"
         )
     return chosen
+
+
+def _validation_split(datamodule: CIFARDataModule) -> ImageSplit | None:
+    datamodule.setup("validate")
+    return datamodule.val_split
 
 
 REPORT_FILES = ("metrics.json", "report.txt", "per_class.csv", "confusion_matrix.csv", "confusion_matrix.png",

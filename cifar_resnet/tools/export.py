@@ -41,6 +41,22 @@ def _sample(n: int = 4, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
 
 
+class _ScriptedClassifier(torch.nn.Module):
+    """The traced network behind a scripted front: TorchScript keeps its ``classes`` and its input check, which a
+    trace alone would drop (tracing records tensor operations only). TorchScript infers ``classes`` as a list of
+    strings from its value."""
+
+    def __init__(self, traced: torch.nn.Module, classes: list[str]) -> None:
+        super().__init__()
+        self.network = traced
+        self.classes = classes
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if not images.is_floating_point():
+            raise TypeError("images must be floats in [0, 1] (N, 3, 32, 32): divide uint8 pixels by 255 first")
+        return self.network(images)
+
+
 def export_torchscript(trained: TrainedModel, classifier: NormalizedClassifier, out: Path) -> None:
     # Tracing is exact for these ResNets (no data-dependent control flow). torch marks TorchScript as
     # deprecated; the warning says nothing the user can act on here.
@@ -48,7 +64,8 @@ def export_torchscript(trained: TrainedModel, classifier: NormalizedClassifier, 
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         traced = torch.jit.trace(classifier, _sample(2), check_trace=False)
-        torch.jit.save(traced, str(out), _extra_files={"metadata.json": json.dumps(metadata(trained))})
+        scripted = torch.jit.script(_ScriptedClassifier(traced, list(trained.classes)))
+        torch.jit.save(scripted, str(out), _extra_files={"metadata.json": json.dumps(metadata(trained))})
 
 
 def export_onnx(trained: TrainedModel, classifier: NormalizedClassifier, out: Path) -> None:

@@ -21,7 +21,7 @@ from cifar_resnet.data.augment import Normalize
 from cifar_resnet.data.sources import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, detect_source
 from cifar_resnet.errors import UserError
 from cifar_resnet.models import create_model
-from cifar_resnet.training.runs import checkpoint_hparams, read_checkpoint
+from cifar_resnet.training.runs import checkpoint_hparams, read_checkpoint, unloadable_reason
 
 # Prefixes that wrappers put in front of the backbone's keys: the LightningModule attribute, DDP/DataParallel
 # and torch.compile.
@@ -56,6 +56,11 @@ class NormalizedClassifier(nn.Module):
         self.classes = tuple(classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if not images.is_floating_point():
+            raise TypeError(
+                f"images must be floats in [0, 1] (N, 3, 32, 32), got {images.dtype}: divide uint8 pixels by 255 "
+                "first (or use the model's Normalize on them)"
+            )
         return self.model((images - self.mean) / self.std)
 
 
@@ -165,8 +170,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
     """A trained model of RGB images in [0, 1] ``(N, 3, 32, 32)`` that returns logits, in eval mode.
 
     ``path`` is a checkpoint written by ``scripts/fit.py``, or a file written by ``scripts/export.py``: a
-    state dict (``.pth``), safetensors, or TorchScript (returned as the scripted module). Except for
-    TorchScript, the result is a :class:`NormalizedClassifier` whose ``classes`` name the outputs.
+    state dict (``.pth``), safetensors, or TorchScript (returned as the scripted module). Either way the model's
+    ``classes`` name the outputs. uint8 images are refused (a TypeError): pass floats in [0, 1].
     """
     path = Path(path)
     if not path.is_file():
@@ -178,7 +183,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
             warnings.simplefilter("ignore", FutureWarning)  # torch marks TorchScript as deprecated
             warnings.simplefilter("ignore", DeprecationWarning)
             return torch.jit.load(str(path), map_location=device).eval()
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # another kind of file, a truncated one, or one that carries code
+        raise UserError(f"{path} is not a model file of fit.py or export.py ({unloadable_reason(path, err)})") from err
     if isinstance(saved, dict) and "hyper_parameters" in saved:
         return load_trained_model(path).classifier().to(device)
     if isinstance(saved, dict) and {"arch", "num_classes", "state_dict"} <= set(saved):

@@ -105,14 +105,47 @@ def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
+def _recipe_key(record: dict[str, Any]) -> str:
+    """What a row groups by: the recipe and the data's fingerprint."""
+    recipe = recipe_options(record["options"])
+    return json.dumps([recipe, record.get("data", {}).get("fingerprint")], sort_keys=True, default=str)
+
+
+def deduplicate(records: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[tuple[Any, list[str]]]]:
+    """The records with one run per (recipe, data, seed), and the seed and folders of each group that repeats one.
+
+    A run replayed with the same seed, or a run folder copied, is not an independent sample: counting it twice
+    would shrink the standard deviation toward 0. The first record in path order stands for its group.
+    """
+    groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    for record in sorted(records, key=lambda r: str(r.get("path", ""))):
+        groups.setdefault((_recipe_key(record), record.get("seed")), []).append(record)
+    kept = [group[0] for group in groups.values()]
+    repeats = [
+        (seed, [str(Path(r.get("path", "?")).parent) for r in group])
+        for (_, seed), group in groups.items()
+        if len(group) > 1
+    ]
+    return kept, repeats
+
+
+def repeat_warning(seed: Any, folders: Sequence[str]) -> str:
+    """One line about a group of runs that share their seed, recipe and data."""
+    return (
+        f"counted once: {len(folders)} runs with seed {seed} and the same options and data ({', '.join(folders)}); "
+        "a replayed or copied run is not another sample"
+    )
+
+
 def summarize(records: Iterable[dict[str, Any]]) -> list[ResultRow]:
-    """Rows of runs that differ only by seed, ordered by architecture, epochs and recipe."""
+    """Rows of runs that differ only by seed, ordered by architecture, epochs and recipe; a run repeated with the
+    same seed, options and data counts once (:func:`deduplicate`)."""
     rows: dict[str, ResultRow] = {}
-    for record in records:
+    for record in deduplicate(records)[0]:
         if record.get("best_val_acc") is None:
             continue
         recipe = recipe_options(record["options"])
-        key = json.dumps([recipe, record.get("data", {}).get("fingerprint")], sort_keys=True, default=str)
+        key = _recipe_key(record)
         row = rows.setdefault(key, ResultRow(str(record["arch"]), int(record["epochs"]), _recipe_text(recipe)))
         row.val.append(float(record["best_val_acc"]))
         if record.get("test_acc") is not None:

@@ -11,7 +11,7 @@ from typing import Any
 from cifar_resnet.config import DataConfig, FitConfig, ModelConfig, as_dict, option_spec, upgrade_names
 from cifar_resnet.errors import UserError
 from cifar_resnet.training.lightning_compat import completed_epochs, epoch_in_progress
-from cifar_resnet.training.runs import find_last_checkpoint, newest_last_checkpoint, read_checkpoint
+from cifar_resnet.training.runs import find_last_checkpoint, newest_last_checkpoint, read_checkpoint, run_location_of
 
 RUN_CONFIG_KEY = "run_config"  # where a checkpoint keeps the flat config of its run
 
@@ -123,7 +123,18 @@ def plan_resume(config: FitConfig, explicit: Collection[str]) -> ResumePlan:
             f"{path} continues its run as it was started, and these would change what it learns: "
             f"{'; '.join(refused)}. Drop them to resume, or start a new run without --ckpt_path"
         )
+    # A resumed run continues in the folder its checkpoint is in, wherever --log_dir points: that folder's log
+    # directory is the run's, and a --log_dir naming another is said to have no effect rather than announced.
+    unused = []
+    location = run_location_of(path)
+    if location is not None:
+        if "log_dir" in explicit and Path(new["log_dir"]).resolve() != location.save_dir.resolve():
+            unused.append(f"--log_dir {new['log_dir']} has no effect: the run continues in {location.path}")
+        changed.pop("log_dir", None)
+        changed["log_dir"] = str(location.save_dir)
     resumed = FitConfig.from_flat({**changed, "ckpt_path": str(path)}, base=stored)
+    changed.pop("log_dir", None)
     notes = [f"{as_flag(name, value)} (was {as_flag(name, old.get(name))})" for name, value in changed.items()]
+    notes += unused
     return ResumePlan(resumed, path, completed_epochs(checkpoint), int(checkpoint.get("global_step", 0)), notes,
                       checkpoint)  # fmt: skip

@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import re
 import socket
 import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,17 +62,28 @@ def find_last_checkpoint(log_dir: str | Path, arch: str | None = None) -> Path:
 
 
 def claim_run_folder(log_dir: str | Path, name: str) -> RunLocation:
-    """Create ``log_dir/name/version_N`` for the next free N; ``mkdir`` makes the claim atomic between processes."""
+    """Create ``log_dir/name/version_N`` for the next free N; ``mkdir`` makes the claim atomic between processes.
+
+    A folder that cannot be created or read (no permission, a read-only file system, a file in the way) is a
+    UserError naming it.
+    """
     root = Path(log_dir) / name
-    root.mkdir(parents=True, exist_ok=True)
-    taken = [int(m.group(1)) for p in root.iterdir() if (m := _VERSION.match(p.name))]
-    version = max(taken, default=-1) + 1
-    while True:
-        try:
-            (root / f"version_{version}").mkdir()
-            return RunLocation(Path(log_dir), name, f"version_{version}")
-        except FileExistsError:
-            version += 1
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        taken = [int(m.group(1)) for p in root.iterdir() if (m := _VERSION.match(p.name))]
+        version = max(taken, default=-1) + 1
+        while True:
+            try:
+                (root / f"version_{version}").mkdir()
+                return RunLocation(Path(log_dir), name, f"version_{version}")
+            except FileExistsError:
+                version += 1
+    except OSError as err:
+        where = err.filename or root
+        reason = err.strerror or type(err).__name__
+        raise UserError(
+            f"--log_dir {log_dir}: cannot create the run folder ({reason}: {where}); pass a --log_dir you can write to"
+        ) from None
 
 
 def _process_alive(pid: int) -> bool:
@@ -150,11 +163,29 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # truncated zip, foreign pickle, refused globals: all mean "not usable"
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"--ckpt_path {path} is not a loadable checkpoint ({reason[:200]})") from err
+        raise UserError(f"--ckpt_path {path} is not a loadable checkpoint ({unloadable_reason(path, err)})") from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise UserError(f"--ckpt_path {path} is not a Lightning checkpoint (no state_dict)")
     return checkpoint
+
+
+def unloadable_reason(path: Path, err: BaseException) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in words for the user. torch's own message for a
+    refused pickle advises ``weights_only=False``, which would run whatever code the file carries."""
+    if path.suffix.lower() == ".onnx":
+        return (
+            "an ONNX model, which onnxruntime runs; give a checkpoint of fit.py or a .pt/.pth/.safetensors file "
+            "of export.py"
+        )
+    if not zipfile.is_zipfile(path):
+        return "not a zip archive as torch.save writes: another kind of file, or a truncated one"
+    if isinstance(err, pickle.UnpicklingError):
+        return (
+            "it holds Python objects other than tensors and plain values, which are not loaded since loading them "
+            "can run code"
+        )
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return reason[:200]
 
 
 def checkpoint_hparams(checkpoint: dict[str, Any]) -> dict[str, Any]:

@@ -28,10 +28,12 @@ from cifar_resnet.training.loggers import build_logger
 from cifar_resnet.training.records import RunClock
 from cifar_resnet.training.reliability import (
     BackgroundCheckpointIO,
+    CheckpointWriteWatch,
     DivergenceStop,
     GracefulInterrupt,
     RNGState,
     RunFolderRelocation,
+    StepCheckpoint,
     StopSignals,
     ValidationRerun,
 )
@@ -166,7 +168,7 @@ def build_trainer(config: TrainerConfig, label: RunLabel) -> tuple[L.Trainer, Ch
             filename=BEST_CHECKPOINT_PATTERN,
             monitor="val/acc",
             mode="max",
-            save_top_k=1,
+            save_top_k=0 if config.limit_val_batches == 0 else 1,  # no validation: nothing to select on
             auto_insert_metric_name=False,
         ),
         # Since Lightning 2.6, save_last=True writes last.ckpt only when a top-k checkpoint is saved in the
@@ -183,6 +185,7 @@ def build_trainer(config: TrainerConfig, label: RunLabel) -> tuple[L.Trainer, Ch
         DivergenceStop(config.max_nonfinite_steps),
         GracefulInterrupt(checkpoints.last, label.signals),
         ValidationRerun(),
+        CheckpointWriteWatch(),
         EpochThroughput(),
         AugmentationPreview(),
         ValidationReport(config.confusion_every_n_epochs),
@@ -194,7 +197,7 @@ def build_trainer(config: TrainerConfig, label: RunLabel) -> tuple[L.Trainer, Ch
     if config.ckpt_every_n_steps:
         # Mid-epoch saves rewrite the same last.ckpt (a ModelCheckpoint saves per step or per epoch, not both).
         callbacks.append(
-            ModelCheckpoint(
+            StepCheckpoint(
                 dirpath=ckpt_dir,
                 filename="last",
                 every_n_train_steps=config.ckpt_every_n_steps,
@@ -204,7 +207,7 @@ def build_trainer(config: TrainerConfig, label: RunLabel) -> tuple[L.Trainer, Ch
     progress = _progress_callback(config.progress)
     if progress is not None:
         callbacks.append(progress)
-    plugins: list[Any] = [BackgroundCheckpointIO()]
+    plugins: list[Any] = [BackgroundCheckpointIO(label.signals)]
     if SLURMEnvironment.detect():
         # SLURM's SIGTERM (time limit, pre-emption) stops the run through GracefulInterrupt, which writes last.ckpt;
         # a requeued job continues it with --ckpt_path auto. Lightning's own requeue would write a separate
