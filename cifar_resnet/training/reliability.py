@@ -626,6 +626,11 @@ class GracefulInterrupt(Callback):
             self.signum = signal.SIGTERM
             self.signals.stopping = True
             target = self._target(trainer)
+            if trainer.current_epoch >= (trainer.max_epochs or 0) and target.is_file():
+                # Training is complete and its last epoch's checkpoint written: a save now would only differ from
+                # it in Lightning's epoch counter, and the resumed run goes straight to the final test.
+                self.saved = target
+                return
             trainer.save_checkpoint(target, weights_only=False)
             self.saved = target
 
