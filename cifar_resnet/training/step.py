@@ -10,7 +10,8 @@ gradients, optimizer state, the LR tensor, the sums, and the static input buffer
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -87,7 +88,7 @@ class GraphReplayError(RuntimeError):
         super().__init__(_one_line(cause))
         self.cause = cause
         self.step: int | None = None
-        self.checkpoint: Any = None
+        self.checkpoint: Path | None = None
 
     def __str__(self) -> str:
         at = f" at step {self.step}" if self.step is not None else ""
@@ -187,7 +188,6 @@ class GraphedStep:
         self.backend = backend
         self.warmup = warmup
         self.eager_calls = 0
-        self.replays = 0
         self.static: tuple[torch.Tensor, ...] | None = None
 
     @property
@@ -222,4 +222,3 @@ class GraphedStep:
             self.backend.replay()
         except Exception as err:
             raise GraphReplayError(err) from err
-        self.replays += 1
