@@ -41,7 +41,7 @@ from cifar_resnet.data.sources import ImageSplit
 from cifar_resnet.fileio import atomic_write_text
 from cifar_resnet.tools import benchmark
 from cifar_resnet.training.module import ImageClassifier
-from cifar_resnet.training.step import SYNCING_OPS, CUDAGraphBackend, EagerReplayBackend, GraphBackend
+from cifar_resnet.training.step import SYNCING_OPS, CUDAGraphBackend, EagerReplayBackend, GraphBackend, error_line
 from cifar_resnet.training.trainer import RunLabel, build_trainer
 
 PASS, FAIL, SKIPPED = "pass", "fail", "skipped"
@@ -286,8 +286,11 @@ class Doctor:
                 if not self.on_gpu:
                     rows.append(Check(name, SKIPPED, "needs CUDA"))
                     continue
-                self.say(f"doctor: timing {arch} at batch {batch} against the CUDA-graphed plain loop")
-                rows.append(self._speed(name, arch, batch))
+                self.say(f"doctor: timing {arch} at batch {batch} against the CUDA-graphed plain loop ...")
+                try:
+                    rows.append(self._speed(name, arch, batch))
+                except Exception as err:
+                    rows.append(Check(name, FAIL, f"raised {error_line(err)}"))
         return rows
 
     def _speed(self, name: str, arch: str, batch: int) -> Check:
@@ -307,25 +310,40 @@ class Doctor:
         return Check(name, PASS if share >= CEILING_SHARE else FAIL, detail, figures)
 
     def run(self) -> list[Check]:
-        """Every check, in order, with a progress line before each."""
+        """Every check, in order, with a progress line before each stage. A stage that raises fails its rows (on
+        CUDA a fault can leave the device unusable, so later stages may fail with it)."""
         p = self.plan
-        checks: list[Check] = []
         self.say(f"doctor: {p.arch}, batch {p.batch_size}, {p.steps} steps a fit, {p.precision} on {p.device.type}")
-        self.say("doctor: training graphed (counting host reads) ...")
-        graphed, reads, mode = self._train(graphed=True)
-        if mode["mode"] == "graphed":
-            checks.append(Check("graphed step", PASS, self.graph_backend().description, mode))
-        else:
-            checks.append(Check("graphed step", FAIL, f"the step ran eager: {mode['reason']}", mode))
-        self.say("doctor: training eager ...")
-        eager, _, _ = self._train(graphed=False)
-        checks.append(self._compare("graphed = eager", graphed, eager, f"weights after {p.steps} steps"))
-        checks.append(self.host_read_check("host reads", reads))
-        self.say("doctor: training graphed with --ema 0.999 (counting host reads) ...")
-        _, ema_reads, _ = self._train(graphed=True, ema=0.999)
-        checks.append(self.host_read_check("host reads with --ema", ema_reads))
-        self.say("doctor: saving mid-run and resuming in a new Trainer ...")
-        checks.extend(self.resume_checks(graphed))
+        runs: dict[str, Any] = {}
+
+        def graphed() -> list[Check]:
+            runs["graphed"], runs["reads"], mode = self._train(graphed=True)
+            if mode["mode"] == "graphed":
+                return [Check("graphed step", PASS, self.graph_backend().description, mode)]
+            return [Check("graphed step", FAIL, f"the step ran eager: {mode['reason']}", mode)]
+
+        def eager() -> list[Check]:
+            weights, _, _ = self._train(graphed=False)
+            return [self._compare("graphed = eager", runs["graphed"], weights, f"weights after {p.steps} steps"),
+                    self.host_read_check("host reads", runs["reads"])]  # fmt: skip
+
+        def ema() -> list[Check]:
+            return [self.host_read_check("host reads with --ema", self._train(graphed=True, ema=0.999)[1])]
+
+        stages: list[tuple[str, list[str], Callable[[], list[Check]]]] = [
+            ("training graphed (counting host reads)", ["graphed step"], graphed),
+            ("training eager", ["graphed = eager", "host reads"], eager),
+            ("training graphed with --ema 0.999 (counting host reads)", ["host reads with --ema"], ema),
+            ("saving mid-run and resuming in a new Trainer", ["checkpoint save", "resume"],
+             lambda: self.resume_checks(runs["graphed"])),
+        ]  # fmt: skip
+        checks: list[Check] = []
+        for what, names, stage in stages:
+            self.say(f"doctor: {what} ...")
+            try:
+                checks.extend(stage())
+            except Exception as err:
+                checks.extend(Check(name, FAIL, f"raised {error_line(err)}") for name in names)
         checks.extend(self.speed_checks())
         return checks
 

@@ -74,7 +74,7 @@ class GraphCaptureError(RuntimeError):
     """Warming up or capturing the step failed; ``phase`` is ``"warm-up"`` or ``"capture"``."""
 
     def __init__(self, phase: str, cause: BaseException) -> None:
-        super().__init__(f"CUDA graph {phase} failed: {_one_line(cause)}")
+        super().__init__(f"CUDA graph {phase} failed: {error_line(cause)}")
         self.phase = phase
         self.cause = cause
 
@@ -85,17 +85,18 @@ class GraphReplayError(RuntimeError):
     ``checkpoint`` (the one to resume from) by the script that reports the error."""
 
     def __init__(self, cause: BaseException) -> None:
-        super().__init__(_one_line(cause))
+        super().__init__(error_line(cause))
         self.cause = cause
         self.step: int | None = None
         self.checkpoint: Path | None = None
 
     def __str__(self) -> str:
         at = f" at step {self.step}" if self.step is not None else ""
-        return f"the CUDA graph of the training step failed{at}: {_one_line(self.cause)}"
+        return f"the CUDA graph of the training step failed{at}: {error_line(self.cause)}"
 
 
-def _one_line(error: BaseException) -> str:
+def error_line(error: BaseException) -> str:
+    """An error as one line: its type and the first line of its message."""
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
