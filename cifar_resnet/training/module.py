@@ -201,7 +201,8 @@ class ImageClassifier(L.LightningModule):
             except GraphCaptureError as failure:
                 self._fall_back_to_eager(failure)
                 # A capture runs no kernel (CUDA records, the stand-in only keeps the closure): the batch is still
-                # to be trained. A warm-up runs the step; only one that failed before its update has not trained.
+                # to be trained. A warm-up runs the step; only one that failed before its update has not trained
+                # (if it failed after its forward, batch norm's running statistics have already seen the batch).
                 trained = failure.phase == "warm-up" and self._updates_issued > issued
             except GraphReplayError as failure:
                 failure.step = step
