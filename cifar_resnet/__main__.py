@@ -15,6 +15,7 @@ COMMANDS = {
     "summary": "print a model's layers, parameters and MACs",
     "results": "collect finished runs' result.json into a table (mean ± std over seeds)",
     "benchmark": "measure data and training throughput",
+    "doctor": "check the training step on this machine (graphed = eager, host reads, resume, speed)",
 }
 
 

@@ -1,11 +1,15 @@
 """The benchmark script runs end to end on tiny data and reports every figure as a JSON line."""
 
+from __future__ import annotations
+
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from cifar_resnet.cli.benchmark import main as benchmark_main
+from cifar_resnet.training.step import EagerReplayBackend
 
 
 def _tiny_argv(data: Path, tmp_path: Path, *extra: str) -> list[str]:
@@ -148,3 +152,67 @@ def test_benchmark_checkpoint_times_a_save_per_arch_without_data(tmp_path: Path,
         assert figure["unit"] == "ms per save" and figure["value"] > 0
         assert 1.5 < figure["details"]["megabytes"] < 3, "resnet20's weights and momentum: about 2.2 MB"
     assert not missing.exists()
+
+
+class RecordedGraph(EagerReplayBackend):
+    """The CPU stand-in for a CUDA graph, noting each instance and its capture in ``events``."""
+
+    events: list[str] = []  # noqa: RUF012
+
+    def __init__(self) -> None:
+        super().__init__()
+        RecordedGraph.events.append("graph created")
+
+    def capture(self, run: Callable[[], None]) -> None:
+        RecordedGraph.events.append("capture")
+        super().capture(run)
+
+
+@pytest.fixture
+def graphs_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Our step graphed on the CPU (through the stand-in), as it is on a GPU; the events seen."""
+    from cifar_resnet.training.module import ImageClassifier
+
+    RecordedGraph.events = []
+    monkeypatch.setattr(ImageClassifier, "graph_backend", RecordedGraph)
+    return RecordedGraph.events
+
+
+def test_benchmark_no_cuda_graphs_times_the_eager_step(
+    graphs_on_the_cpu: list[str], tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = _tiny_argv(tiny_folder, tmp_path, "--iterations", "1", "--rounds", "1", "--no_cuda_graphs")
+    assert benchmark_main(argv) == 0
+    figures = _figures(capsys.readouterr().out)
+    lightning = figures["train/resnet20/bs4/lightning"]
+    assert lightning["value"] > 0 and lightning["details"]["cuda_graphs"] is False
+    assert graphs_on_the_cpu == [], "no fit of the benchmark built a graph"
+
+
+def test_benchmark_profile_starts_before_the_capture_and_covers_the_replayed_step(
+    graphs_on_the_cpu: list[str], tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    import torch
+
+    start = torch.profiler.profile.start
+
+    def noted_start(self: torch.profiler.profile) -> None:
+        graphs_on_the_cpu.append("profiler started")
+        start(self)
+
+    monkeypatch.setattr(torch.profiler.profile, "start", noted_start)
+    # 7 batches of 4: 3 graph warm-ups, the capture at batch 3, the profile records batches 5 and 6 (replays).
+    argv = _tiny_argv(tiny_folder, tmp_path, "--iterations", "1", "--rounds", "1", "--profile", "2")
+    argv[argv.index("--warmup") + 1] = "5"
+    graphs_on_the_cpu.clear()
+    assert benchmark_main(argv) == 0
+    out = capsys.readouterr().out
+    profiled = graphs_on_the_cpu[graphs_on_the_cpu.index("profiler started") - 1 :]
+    assert profiled == ["graph created", "profiler started", "capture"], graphs_on_the_cpu
+    top = [record for name, record in _figures(out).items() if name.startswith("profile/resnet20/top")]
+    names = {record["details"]["op"] for record in top}
+    assert any("convolution" in name for name in names), names  # the replayed step's ops are in the table
+    convolutions = [record for record in top if record["details"]["op"] == "aten::convolution_backward"]
+    assert [record["details"]["calls"] for record in convolutions] == [2 * 19], "the 2 recorded steps, no more"
+    assert not any(name.startswith("ProfilerStep") for name in names), "operators only, not the step labels"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -18,40 +19,28 @@ from torchmetrics.classification import MulticlassAccuracy
 from cifar_resnet.data import CIFARDataModule
 from cifar_resnet.training.module import ImageClassifier
 from cifar_resnet.training.schedule import LRSchedule
-from cifar_resnet.training.step import IMAGES, LOSS_TIMES_IMAGES, TOP1_HITS, TOPK_HITS, GraphedStep, TrainingTally
+from cifar_resnet.training.step import (
+    IMAGES,
+    LOSS_TIMES_IMAGES,
+    SYNCING_OPS,
+    TOP1_HITS,
+    TOPK_HITS,
+    EagerReplayBackend,
+    GraphedStep,
+    TrainingTally,
+)
 from tests.conftest import make_image_folder
-from tests.helpers import fit, fit_args
+from tests.helpers import fit, fit_args, load_checkpoint
 
 
-class EagerReplay:
-    """Stands in for a CUDA graph on the CPU: capturing records the step, a replay runs it again on the same
-    static buffers. Everything but CUDA's own recording is exercised: static inputs, in-place LR and sums,
-    zeroed (not dropped) gradients, Lightning's step count."""
+class EagerReplay(EagerReplayBackend):
+    """The package's CPU stand-in for a CUDA graph, remembering every instance a fit creates."""
 
     instances: list[EagerReplay] = []  # noqa: RUF012
 
     def __init__(self) -> None:
-        self.run: Callable[[], None] | None = None
-        self.warmups = 0
-        self.replays = 0
-        self.replaying = False
+        super().__init__()
         EagerReplay.instances.append(self)
-
-    def warmup(self, run: Callable[[], None]) -> None:
-        self.warmups += 1
-        run()
-
-    def capture(self, run: Callable[[], None]) -> None:
-        self.run = run
-
-    def replay(self) -> None:
-        assert self.run is not None
-        self.replays += 1
-        self.replaying = True
-        try:
-            self.run()
-        finally:
-            self.replaying = False
 
 
 @pytest.fixture
@@ -242,15 +231,6 @@ def test_a_replayed_graph_holds_the_whole_step_and_counts_every_step(
     assert "copy_" in outside and "fill_" in outside, "batch copied into the static buffers, LR tensor filled"
 
 
-# Operations that make the host wait for the device when their input lives on a GPU: reading a value
-# (item, float, bool, int, if tensor), data-dependent output sizes, whole-tensor comparisons, and tensors
-# built from Python data (a blocking copy from pageable memory).
-_SYNCING_OPS = {
-    "_local_scalar_dense", "nonzero", "_unique2", "unique_dim", "unique_consecutive", "masked_select", "is_nonzero",
-    "equal", "lift_fresh", "repeat_interleave", "bincount", "histc",
-}  # fmt: skip
-
-
 # Functions that only read the CPU generator's draws (a batch's augmentation plan, MixUp's λ and box), never a
 # tensor on the batch's device: on the CPU their reads look like syncs, on a GPU they touch host memory only.
 # The meta-device tests (tests/test_recipes.py, tests/test_policy_augment.py) check that they hold no batch data.
@@ -267,7 +247,7 @@ class SyncRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         name = func.overloadpacket.__name__
-        if self.batch is not None and name in _SYNCING_OPS:
+        if self.batch is not None and name in SYNCING_OPS:
             frames = [f for f in traceback.extract_stack()[:-1] if "torch/" not in f.filename]
             if any(f.filename.endswith("policies.py") and f.name in _HOST_ONLY for f in frames):
                 return func(*args, **(kwargs or {}))
@@ -393,3 +373,120 @@ def test_a_checkpoint_from_automatic_optimization_resumes_at_its_step(folder: Pa
     assert torch.load(last, weights_only=True)["global_step"] == 20
     schedule = LRSchedule.for_run(0.05, 20, 2)
     assert recorder.lrs == [float(torch.tensor(schedule(step), dtype=torch.float32)) for step in range(10, 20)]
+
+
+# ---------------------------------------------------------------------------------------------- fail safe
+
+
+class CaptureFails(EagerReplay):
+    """A graph whose capture raises, as a driver or cuDNN error would on a user's GPU."""
+
+    def capture(self, run: Callable[[], None]) -> None:
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+
+class WarmupFailsBeforeItsUpdate(EagerReplay):
+    """The second warm-up raises before running anything: that batch is not trained yet."""
+
+    def warmup(self, run: Callable[[], None]) -> None:
+        if self.warmups == 1:
+            raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED")
+        super().warmup(run)
+
+
+class WarmupFailsAfterItsUpdate(EagerReplay):
+    """The second warm-up runs the whole step, update included, then raises: that batch is trained already."""
+
+    def warmup(self, run: Callable[[], None]) -> None:
+        super().warmup(run)
+        if self.warmups == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+class ReplayFails(EagerReplay):
+    """The tenth replay (step 12, in the second epoch) raises, as a faulting kernel would."""
+
+    def replay(self) -> None:
+        if self.replays == 9:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        super().replay()
+
+
+def _step_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("training step:")]
+
+
+@pytest.fixture(scope="module")
+def eager_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One eager fit (one epoch of 10 steps), the reference of the fallback tests: its data and its run folder."""
+    root = tmp_path_factory.mktemp("eager")
+    data = make_image_folder(root / "data", per_class={"train": 30})
+    fit(*fit_args(data, root / "logs", "--max_epochs", "1", "--no_test", "--no_cuda_graphs"))
+    return data, root / "logs" / "resnet20" / "version_0"
+
+
+@pytest.mark.parametrize(
+    ("backend", "failed", "at_step"),
+    [(CaptureFails, "capture failed: RuntimeError: CUDA error: operation not permitted", 3),
+     (WarmupFailsBeforeItsUpdate, "warm-up failed: RuntimeError: cuDNN error", 1),
+     (WarmupFailsAfterItsUpdate, "warm-up failed: RuntimeError: CUDA error: an illegal memory access", 1)],
+    ids=["capture", "warm-up-before-update", "warm-up-after-update"],
+)  # fmt: skip
+def test_a_failed_capture_falls_back_to_the_eager_step_and_trains_each_batch_once(
+    backend: type[EagerReplay], failed: str, at_step: int, eager_run: tuple[Path, Path], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    data, eager_folder = eager_run
+    monkeypatch.setattr(ImageClassifier, "graph_backend", backend)
+    caplog.set_level("INFO")
+    fit(*fit_args(data, tmp_path / "logs", "--max_epochs", "1", "--no_test"))
+    folder = tmp_path / "logs" / "resnet20" / "version_0"
+    got, want = (load_checkpoint(f / "checkpoints" / "last.ckpt") for f in (folder, eager_folder))
+    assert got["global_step"] == want["global_step"] == 10
+    different = [k for k in want["state_dict"] if not torch.equal(got["state_dict"][k], want["state_dict"][k])]
+    assert different == [], f"{len(different)} tensors differ from the eager run, first {different[:3]}"
+    lines = _step_lines(caplog)
+    assert lines[0] == f"training step: {EagerReplayBackend.description}", lines
+    assert len(lines) == 2 and f"CUDA graph {failed}" in lines[1] and f"at step {at_step};" in lines[1], lines
+    assert "--no_cuda_graphs skips the attempt" in lines[1]
+    step = json.loads((folder / "result.json").read_text())["step"]
+    assert step["mode"] == "eager" and f"CUDA graph {failed}" in step["reason"], step
+    eager = json.loads((eager_folder / "result.json").read_text())["step"]
+    assert eager == {"mode": "eager", "reason": "--no_cuda_graphs"}
+
+
+def test_the_start_line_and_the_record_name_a_graphed_step(
+    graphs_on_the_cpu: type[EagerReplay], folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO")
+    fit(*fit_args(folder, tmp_path / "logs", "--max_epochs", "1", "--no_test"))
+    assert _step_lines(caplog) == [f"training step: {EagerReplayBackend.description}"]
+    record = json.loads((tmp_path / "logs" / "resnet20" / "version_0" / "result.json").read_text())
+    assert record["step"] == {"mode": "graphed", "reason": None}
+    assert graphs_on_the_cpu.instances[-1].replays == 7
+
+
+def test_a_failed_replay_ends_the_fit_in_one_line_with_the_resume_command(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cifar_resnet.cli.fit import main
+
+    EagerReplay.instances = []
+    monkeypatch.setattr(ImageClassifier, "graph_backend", ReplayFails)
+    args = fit_args(folder, tmp_path / "logs", "--max_epochs", "2", "--no_test")
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("fit.py:")]
+    last = tmp_path / "logs" / "resnet20" / "version_0" / "checkpoints" / "last.ckpt"
+    assert lines == [
+        "fit.py: error: the CUDA graph of the training step failed at step 12: RuntimeError: CUDA error: an illegal "
+        "memory access was encountered; the GPU state is lost, so the run stops; resume with: python scripts/fit.py "
+        f"--ckpt_path {last.resolve()} (it captures the graph again; add --no_cuda_graphs to train eagerly)"
+    ]
+    assert load_checkpoint(last)["global_step"] == 10, "last.ckpt is the end of the first epoch"
+    # The resumed run (a new process on a GPU) warms up and captures again, and finishes.
+    monkeypatch.setattr(ImageClassifier, "graph_backend", EagerReplay)
+    assert main([*args, "--ckpt_path", str(last)]) == 0
+    assert (EagerReplay.instances[-1].warmups, EagerReplay.instances[-1].replays) == (3, 7)
+    assert load_checkpoint(last)["global_step"] == 20

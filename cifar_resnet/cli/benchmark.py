@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations (default 3 CPU, 20 CUDA)")
     p.add_argument("--iterations", type=int, default=None, help="timed iterations (default 10 CPU, 100 CUDA)")
     p.add_argument("--compile", action="store_true", help="also time the first arch with torch.compile")
+    p.add_argument("--no_cuda_graphs", "--no-cuda_graphs", dest="cuda_graphs", action="store_false",
+                   help="time our step eager, as fit.py --no_cuda_graphs (the CPU step is eager anyway)")  # fmt: skip
     p.add_argument("--rounds", type=int, default=3, help="alternating Lightning / plain-loop timings per arch")
     p.add_argument(
         "--profile",
@@ -109,6 +111,7 @@ class _Plan:
     iterations: int
     precision: str
     channels_last: bool = True  # fit.py's default
+    cuda_graphs: bool = True  # fit.py's default: our step replayed as one CUDA graph on a GPU
 
     @property
     def on_gpu(self) -> bool:
@@ -137,6 +140,7 @@ def _plan(args: argparse.Namespace) -> _Plan:
         warmup=args.warmup if args.warmup is not None else (20 if on_gpu else 3),
         iterations=args.iterations if args.iterations is not None else (100 if on_gpu else 10),
         precision=resolve_precision(args.precision, "cuda" if on_gpu else "cpu"),
+        cuda_graphs=args.cuda_graphs,
     )
 
 
@@ -195,12 +199,13 @@ def _arch_figures(
     first: bool,
 ) -> None:  # fmt: skip
     name = f"train/{arch}/bs{batch}"
-    common = {"precision": p.precision, "channels_last": p.channels_last, "batch_size": batch}
+    common = {"precision": p.precision, "channels_last": p.channels_last, "batch_size": batch,
+              "cuda_graphs": p.cuda_graphs}  # fmt: skip
     # Lightning and the plain loop take turns, so a burst of load from elsewhere hits both alike.
     lits, plains = [], []
     for _ in range(args.rounds):
         lits.append(benchmark.lightning_training(arch, dm, p.device, p.precision, p.channels_last, False,
-                                                 p.warmup, p.iterations))  # fmt: skip
+                                                 p.warmup, p.iterations, p.cuda_graphs))  # fmt: skip
         plains.append(benchmark.plain_training(arch, dm, p.device, p.precision, p.channels_last, p.warmup,
                                                p.iterations))  # fmt: skip
     lit, plain = statistics.median(lits), statistics.median(plains)
@@ -216,12 +221,13 @@ def _arch_figures(
         record(f"{name}/graphed_plain_loop", ceiling, **common)
         record(f"{name}/lightning_over_graphed_loop", lit / ceiling, "fraction", batch_size=batch)
         syncs = benchmark.host_syncs_per_step(arch, dm, p.device, p.precision, p.channels_last, p.warmup,
-                                              p.iterations)  # fmt: skip
+                                              p.iterations, p.cuda_graphs)  # fmt: skip
         record(f"{name}/host_syncs_per_step", syncs, "syncs", batch_size=batch)
     # What a 200-epoch run of this training split costs at this rate, and what passes between epochs.
     train_images = len(dm.train_split) if dm.train_split is not None else 0
     epoch_train = train_images / lit
-    gap = benchmark.epoch_overhead(arch, dm, p.device, p.precision, p.channels_last, p.warmup + p.iterations)
+    gap = benchmark.epoch_overhead(arch, dm, p.device, p.precision, p.channels_last, p.warmup + p.iterations,
+                                   p.cuda_graphs)  # fmt: skip
     record(f"{name}/between_epochs", gap, "seconds", batch_size=batch)
     record(f"{name}/between_epochs_share", gap / (epoch_train + gap), "fraction of an epoch", batch_size=batch,
            epoch_training_seconds=epoch_train)  # fmt: skip
@@ -230,11 +236,11 @@ def _arch_figures(
     if not first:
         return
     other = benchmark.lightning_training(arch, dm, p.device, p.precision, not p.channels_last, False, p.warmup,
-                                         p.iterations)  # fmt: skip
+                                         p.iterations, p.cuda_graphs)  # fmt: skip
     record(f"{name}/lightning_channels_last_{not p.channels_last}", other, **common)
     if args.compile:
         compiled = benchmark.lightning_training(arch, dm, p.device, p.precision, p.channels_last, True, p.warmup,
-                                                p.iterations)  # fmt: skip
+                                                p.iterations, p.cuda_graphs)  # fmt: skip
         record(f"{name}/lightning_compiled", compiled, **common)
 
 
@@ -243,13 +249,14 @@ def _profile_figures(plan: _Plan, args: argparse.Namespace, dm: CIFARDataModule,
     arch = plan.archs[0]
     trace = Path(args.profile_trace) if args.profile_trace else None
     ops, table = benchmark.profile_training(arch, dm, plan.device, plan.precision, plan.channels_last, plan.warmup,
-                                            args.profile, trace=trace)  # fmt: skip
+                                            args.profile, trace=trace, cuda_graphs=plan.cuda_graphs)  # fmt: skip
     print(f"# where {args.profile} training steps of {arch} spend their time", flush=True)
     print(table, flush=True)
     clock = "gpu" if plan.on_gpu else "cpu"
     for rank, op in enumerate(ops, start=1):
         record(f"profile/{arch}/top{rank}", op.share, f"fraction of {clock} self time", op=op.name,
-               self_ms=round(op.self_ms, 3), calls=op.calls, steps=args.profile)  # fmt: skip
+               self_ms=round(op.self_ms, 3), calls=op.calls, steps=args.profile,
+               cuda_graphs=plan.cuda_graphs)  # fmt: skip
 
 
 def _recipe_figures(plan: _Plan, dm: CIFARDataModule, rounds: int, record: _Recorder) -> None:

@@ -31,6 +31,7 @@ from cifar_resnet.training.records import RECORD_NAME, RunClock, build_record, w
 from cifar_resnet.training.reliability import StopSignals, TrainingInterruptedError, sigterm_stop
 from cifar_resnet.training.resume import ResumePlan, plan_resume
 from cifar_resnet.training.runs import RunLocation, claim_run_folder, run_location_of, run_lock
+from cifar_resnet.training.step import GraphReplayError
 from cifar_resnet.training.trainer import RunLabel, build_trainer, run_dir
 
 DEFAULT_DATA_DIR = DataConfig().data_dir
@@ -217,7 +218,7 @@ def _train_and_test(
     except SIGTERMException as stop:  # outside a training batch; the checkpoint is written on the way out
         done = trainer.fit_loop.epoch_progress.current.completed >= (trainer.max_epochs or 0)
         raise sigterm_stop(trainer, "after training, before the final test" if done else "during training") from stop
-    except TrainingInterruptedError as stop:
+    except (TrainingInterruptedError, GraphReplayError) as stop:
         if stop.checkpoint is None:  # stopped without a new checkpoint: continue from the run's newest one
             kept = location.path / "checkpoints" / "last.ckpt" if location is not None else None
             stop.checkpoint = kept if kept is not None and kept.is_file() else plan.checkpoint
@@ -226,6 +227,7 @@ def _train_and_test(
     signals.phase_done("after training, before the final test", last)  # a signal in the last validation
 
     result: dict[str, Any] = {"run_dir": str(run_dir(trainer)) if run_dir(trainer) else None}
+    result["step"] = model.step_mode  # how the step ran: graphed, or eager and why (for result.json)
     # The run's own logger and folders: a resumed run takes them from its checkpoint, not from the command line.
     result["curves"] = curves_hint(config.trainer, result["run_dir"])
     if config.trainer.fast_dev_run:
@@ -331,6 +333,16 @@ def interruption_message(stop: TrainingInterruptedError) -> str:
     return f"{stop}, checkpoint written; resume with: {resume_command(stop.checkpoint)}"
 
 
+def replay_failure_message(failure: GraphReplayError) -> str:
+    """One line: the failed replay, and the resume command (a new process captures the graph again)."""
+    if failure.checkpoint is None:
+        return f"{failure}; no checkpoint was written yet: run the command again (--no_cuda_graphs trains eagerly)"
+    return (
+        f"{failure}; the GPU state is lost, so the run stops; resume with: {resume_command(failure.checkpoint)} "
+        "(it captures the graph again; add --no_cuda_graphs to train eagerly)"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``scripts/fit.py``; user mistakes end as one line on stderr and exit status 2."""
     command = ["python", "scripts/fit.py", *(sys.argv[1:] if argv is None else argv)]
@@ -349,6 +361,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C before the run's own signal handlers are installed
         say("fit.py: stopped by SIGINT before training; no checkpoint written", file=sys.stderr, flush=True)
         return 128 + signal.SIGINT
+    except GraphReplayError as failure:  # a GPU fault, not a user mistake: exit 1
+        say(f"fit.py: error: {replay_failure_message(failure)}", file=sys.stderr, flush=True)
+        return 1
     if not result.get("finished_already") and not result.get("described_data"):
         _report(result, request.config)
     return 0

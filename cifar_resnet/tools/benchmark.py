@@ -23,6 +23,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 import torchvision
+from torch.autograd.profiler_util import EventList
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
@@ -197,10 +198,12 @@ def _fit_steps(
     compile_model: bool,
     steps: int,
     callback: L.Callback,
+    cuda_graphs: bool = True,
 ) -> None:
-    """Train ``steps`` batches through our LightningModule and the Trainer of ``scripts/fit.py``."""
+    """Train ``steps`` batches through our LightningModule and the Trainer of ``scripts/fit.py``; ``cuda_graphs``
+    as ``--cuda_graphs`` (on a GPU, False times the eager step)."""
     model = ImageClassifier(arch=arch, num_classes=dm.num_classes, channels_last=channels_last,
-                            compile=compile_model)  # fmt: skip
+                            compile=compile_model, cuda_graphs=cuda_graphs)  # fmt: skip
     with tempfile.TemporaryDirectory() as log_dir:
         config = TrainerConfig(max_epochs=1, log_dir=log_dir, accelerator=device.type, devices=1, precision=precision,
                                limit_train_batches=steps, limit_val_batches=0, progress="none")  # fmt: skip
@@ -218,10 +221,11 @@ def lightning_training(
     compile_model: bool,
     warmup: int,
     iterations: int,
+    cuda_graphs: bool = True,
 ) -> float:
     """Training images per second through our LightningModule and a Trainer, as ``scripts/fit.py`` runs it."""
     timer = _StepTimer(warmup)
-    _fit_steps(arch, dm, device, precision, channels_last, compile_model, warmup + iterations, timer)
+    _fit_steps(arch, dm, device, precision, channels_last, compile_model, warmup + iterations, timer, cuda_graphs)
     if timer.images == 0:
         raise UserError(_too_few_batches(dm, warmup))
     return timer.images / (timer.end - timer.start)
@@ -245,27 +249,38 @@ class OpTime:
 
 
 class _StepProfiler(L.Callback):
-    """Runs torch.profiler over training batches ``warmup`` .. end (CPU ops, and CUDA kernels on a GPU)."""
+    """Runs torch.profiler over training batches ``warmup`` .. end (CPU ops, and CUDA kernels on a GPU).
 
-    def __init__(self, warmup: int, device: torch.device) -> None:
+    The profiler starts at the first batch, before the step's graph is warmed up and captured, and records from
+    batch ``warmup`` on (its schedule's warm-up before that): CUPTI sees the kernels of a CUDA graph's replays
+    only when it was set up before the capture, so a profiler started after it may miss them.
+    """
+
+    def __init__(self, warmup: int, steps: int, device: torch.device) -> None:
         self.warmup = warmup
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        self.profiler = torch.profiler.profile(activities=activities)
+        schedule = torch.profiler.schedule(wait=0, warmup=warmup, active=steps, repeat=1)
+        self.profiler = torch.profiler.profile(activities=activities, schedule=schedule)
         self.started = False
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        if idx == 0:
+            self.profiler.start()
         if idx == self.warmup:
             _sync(pl_module.device)
-            self.profiler.start()
             self.started = True
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
+        if idx + 1 == self.warmup:
+            _sync(pl_module.device)  # the recorded window starts with no earlier work queued
         if idx + 1 == trainer.num_training_batches:
             _sync(pl_module.device)
+        self.profiler.step()
+        if idx + 1 == trainer.num_training_batches:
             self.profiler.stop()
 
 
@@ -279,18 +294,20 @@ def profile_training(
     steps: int,
     top: int = 10,
     trace: Path | None = None,
+    cuda_graphs: bool = True,
 ) -> tuple[list[OpTime], str]:
     """Where the time of ``steps`` training batches goes: the ``top`` operators by self time, and the table.
 
     On CUDA the ranking is by kernel time on the GPU, on the CPU by CPU time. ``trace`` receives a Chrome
     trace (open it in chrome://tracing or Perfetto).
     """
-    probe = _StepProfiler(warmup, device)
-    _fit_steps(arch, dm, device, precision, channels_last, False, warmup + steps, probe)
+    probe = _StepProfiler(warmup, steps, device)
+    _fit_steps(arch, dm, device, precision, channels_last, False, warmup + steps, probe, cuda_graphs)
     if not probe.started:
         raise UserError(_too_few_batches(dm, warmup))
     on_gpu = device.type == "cuda"
-    averages = probe.profiler.key_averages()
+    # The schedule's per-step ranges (ProfilerStep#N) enclose the operators: a label, not an operator of their own.
+    averages = EventList([e for e in probe.profiler.key_averages() if not e.key.startswith("ProfilerStep")])
     attribute = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     total = sum(getattr(event, attribute) for event in averages) or 1.0
     ranked = sorted(averages, key=lambda event: getattr(event, attribute), reverse=True)[:top]
@@ -431,11 +448,12 @@ class _SyncCounter(L.Callback):
 
 
 def host_syncs_per_step(
-    arch: str, dm: CIFARDataModule, device: torch.device, precision: str, channels_last: bool, warmup: int, steps: int
-) -> float:
+    arch: str, dm: CIFARDataModule, device: torch.device, precision: str, channels_last: bool, warmup: int, steps: int,
+    cuda_graphs: bool = True,
+) -> float:  # fmt: skip
     """Host-device synchronisations per training step of the real fit path, on CUDA."""
     counter = _SyncCounter(warmup)
-    _fit_steps(arch, dm, device, precision, channels_last, False, warmup + steps + 1, counter)
+    _fit_steps(arch, dm, device, precision, channels_last, False, warmup + steps + 1, counter, cuda_graphs)
     return counter.syncs / max(counter.steps, 1)
 
 
@@ -460,14 +478,16 @@ class _EpochGap(L.Callback):
 
 
 def epoch_overhead(
-    arch: str, dm: CIFARDataModule, device: torch.device, precision: str, channels_last: bool, steps: int
-) -> float:
+    arch: str, dm: CIFARDataModule, device: torch.device, precision: str, channels_last: bool, steps: int,
+    cuda_graphs: bool = True,
+) -> float:  # fmt: skip
     """Seconds between two epochs' training batches in ``scripts/fit.py``'s Trainer: validation of the whole
     validation split, checkpoints, the confusion matrix, logging and progress; the second gap of a 3-epoch
     run, so one-time costs (the first figure, the first validation's warm-up) are left out."""
     gap = _EpochGap()
     with tempfile.TemporaryDirectory() as log_dir:
-        model = ImageClassifier(arch=arch, num_classes=dm.num_classes, channels_last=channels_last)
+        model = ImageClassifier(arch=arch, num_classes=dm.num_classes, channels_last=channels_last,
+                                cuda_graphs=cuda_graphs)  # fmt: skip
         config = TrainerConfig(max_epochs=3, log_dir=log_dir, accelerator=device.type, devices=1,
                                precision=precision, limit_train_batches=steps, progress="lines")  # fmt: skip
         trainer, _ = build_trainer(config, RunLabel(arch))

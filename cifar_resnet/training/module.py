@@ -28,7 +28,9 @@ from cifar_resnet.training.step import (
     TOPK_HITS,
     CUDAGraphBackend,
     GraphBackend,
+    GraphCaptureError,
     GraphedStep,
+    GraphReplayError,
     TrainingTally,
 )
 
@@ -47,7 +49,7 @@ class ImageClassifier(L.LightningModule):
     a device tensor that the fused SGD kernel reads.
     """
 
-    # How the step is captured and replayed on CUDA; tests substitute a stand-in that replays eagerly.
+    # How the step is captured and replayed on CUDA; the doctor and the tests substitute EagerReplayBackend.
     graph_backend: Callable[[], GraphBackend] = CUDAGraphBackend
 
     def __init__(self, config: ModelConfig | None = None, **options: Any) -> None:
@@ -83,6 +85,9 @@ class ImageClassifier(L.LightningModule):
         self.step_metrics: dict[str, float] = {}  # the last logged step scalars, for progress displays
         self._lr: torch.Tensor | None = None
         self._graphed: GraphedStep | None = None
+        # How this fit's step runs: {"mode": "graphed" | "eager", "reason": why eager (None when graphed)}.
+        self.step_mode: dict[str, str | None] = {"mode": "eager", "reason": "not trained yet"}
+        self._updates_issued = 0  # optimizer steps issued by _step, to tell whether a failed warm-up updated
         self._tally_epoch: int | None = None
         self._planned_steps: int | None = None  # the schedule length a restored checkpoint was trained with
 
@@ -155,6 +160,7 @@ class ImageClassifier(L.LightningModule):
             loss, hard_labels = self._training_loss(logits, labels, mix[0] if mix else None)
         backward(loss)
         optimizer_step()
+        self._updates_issued += 1
         self.tally.update(loss, logits, hard_labels)
         self._last_loss = loss
 
@@ -165,7 +171,7 @@ class ImageClassifier(L.LightningModule):
     def _graphs_apply(self) -> tuple[bool, str]:
         """Whether this run replays its step as a CUDA graph, and why not when it does not."""
         if not self.config.cuda_graphs:
-            return False, "--no-cuda_graphs"
+            return False, "--no_cuda_graphs"
         if self.device.type != "cuda" and self.graph_backend is CUDAGraphBackend:
             return False, f"training on {self.device.type}"
         if self.trainer.world_size > 1:
@@ -173,6 +179,13 @@ class ImageClassifier(L.LightningModule):
         if str(self.trainer.precision) not in _GRAPHABLE_PRECISIONS:
             return False, f"--precision {self.trainer.precision}"
         return True, ""
+
+    def _fall_back_to_eager(self, failure: GraphCaptureError) -> None:
+        """The rest of this fit runs the eager step; one line says what failed and how to skip the attempt."""
+        self._graphed = None
+        self.step_mode = {"mode": "eager", "reason": f"{failure} (at step {self.global_step})"}
+        rank_zero_info(f"training step: {failure} at step {self.global_step}; the eager step trains the rest of "
+                       "the run (--no_cuda_graphs skips the attempt)")  # fmt: skip
 
     def _count_optimizer_step(self) -> None:
         """Count a replayed step as Lightning counts ``optimizer.step()`` under manual optimization.
@@ -187,10 +200,24 @@ class ImageClassifier(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         step = self.global_step
         lr = self._set_lr(step)
+        trained = False
         if self._graphed is not None:
-            self._graphed(*batch)
-            self._count_optimizer_step()
-        else:
+            issued = self._updates_issued
+            try:
+                self._graphed(*batch)
+                trained = True
+            except GraphCaptureError as failure:
+                self._fall_back_to_eager(failure)
+                # A capture runs no kernel (CUDA records, the stand-in only keeps the closure): the batch is still
+                # to be trained. A warm-up runs the step; only one that failed before its update has not trained
+                # (if it failed after its forward, batch norm's running statistics have already seen the batch).
+                trained = failure.phase == "warm-up" and self._updates_issued > issued
+            except GraphReplayError as failure:
+                failure.step = step
+                raise
+            if trained:
+                self._count_optimizer_step()
+        if not trained:
             lightning_optimizer = self.optimizers()
             self._step(tuple(batch), self.manual_backward, lightning_optimizer.step)
         self._log_step_scalars(step, lr, last_of_epoch=batch_idx + 1 == self.trainer.num_training_batches)
@@ -230,13 +257,19 @@ class ImageClassifier(L.LightningModule):
         self.tally.step.fill_(self.global_step)
         if self.trainer.world_size > 1:
             self._announce_processes()
-        use_graphs, _ = self._graphs_apply()
+        use_graphs, reason = self._graphs_apply()
         self._graphed = None
         if use_graphs:
+            backend = self.graph_backend()
             self._graphed = GraphedStep(
                 lambda *batch: self._step(batch, torch.Tensor.backward, optimizer.step),
-                self.graph_backend(),
+                backend,
             )
+            self.step_mode = {"mode": "graphed", "reason": None}
+            rank_zero_info(f"training step: {backend.description}")
+        else:
+            self.step_mode = {"mode": "eager", "reason": reason}
+            rank_zero_info(f"training step: eager ({reason})")
 
     def _announce_processes(self) -> None:
         """The global batch of a multi-process run, and that the LR is used as given."""

@@ -2,7 +2,8 @@
 
 A record holds what a results table needs and what makes a row reproducible: the model and recipe, the seed,
 the best validation accuracy and its epoch, the test accuracy when there is a test split, the training wall
-time summed over every resume, the device, the library versions and the exact command.
+time summed over every resume, the device, how the training step ran (one CUDA graph per step, or eager and
+why), the library versions and the exact command.
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ def build_record(
         "test_selected_on_test": bool(result.get("test_selected_on_test", False)),
         "wall_time_s": round(wall_seconds, 1),
         "device": device,
+        # How the training step ran: {"mode": "graphed"} or {"mode": "eager", "reason": why}.
+        "step": result.get("step"),
         "versions": environment.library_versions(),
         "git_commit": environment.git_commit(),
         "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),

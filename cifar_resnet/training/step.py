@@ -10,6 +10,7 @@ gradients, optimizer state, the LR tensor, the sums, and the static input buffer
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -60,8 +61,50 @@ class TrainingTally(nn.Module):
         self.sums.zero_()
 
 
+# Operations that make the host wait for the device when their input lives on a GPU: reading a value
+# (item, float, bool, int, if tensor), data-dependent output sizes, whole-tensor comparisons, and tensors
+# built from Python data (a blocking copy from pageable memory). The doctor and the tests count these.
+SYNCING_OPS = frozenset({
+    "_local_scalar_dense", "nonzero", "_unique2", "unique_dim", "unique_consecutive", "masked_select", "is_nonzero",
+    "equal", "lift_fresh", "repeat_interleave", "bincount", "histc",
+})  # fmt: skip
+
+
+class GraphCaptureError(RuntimeError):
+    """Warming up or capturing the step failed; ``phase`` is ``"warm-up"`` or ``"capture"``."""
+
+    def __init__(self, phase: str, cause: BaseException) -> None:
+        super().__init__(f"CUDA graph {phase} failed: {error_line(cause)}")
+        self.phase = phase
+        self.cause = cause
+
+
+class GraphReplayError(RuntimeError):
+    """Replaying the captured step failed. On CUDA the context is then unusable: the run must end, and a
+    resumed run (a new process) captures again. ``step`` (the training step) is filled in by the module and
+    ``checkpoint`` (the one to resume from) by the script that reports the error."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(error_line(cause))
+        self.cause = cause
+        self.step: int | None = None
+        self.checkpoint: Path | None = None
+
+    def __str__(self) -> str:
+        at = f" at step {self.step}" if self.step is not None else ""
+        return f"the CUDA graph of the training step failed{at}: {error_line(self.cause)}"
+
+
+def error_line(error: BaseException) -> str:
+    """An error as one line: its type and the first line of its message."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
 class GraphBackend(Protocol):
-    """How a step is warmed up, captured and replayed (CUDA graphs, or a stand-in in tests)."""
+    """How a step is warmed up, captured and replayed (CUDA graphs, or a stand-in on the CPU)."""
+
+    description: str  # how the step runs, for the line a fit prints when its training starts
 
     def warmup(self, run: Callable[[], None]) -> None: ...
 
@@ -72,6 +115,8 @@ class GraphBackend(Protocol):
 
 class CUDAGraphBackend:
     """torch.cuda.CUDAGraph: warm-up on a side stream, capture, replay (the recipe of torch's CUDA-graph notes)."""
+
+    description = "one CUDA graph per step"
 
     def __init__(self) -> None:
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -95,6 +140,37 @@ class CUDAGraphBackend:
         self.graph.replay()
 
 
+class EagerReplayBackend:
+    """Stands in for a CUDA graph where there is none (the CPU): capturing records the step without running it,
+    as CUDA capture does, and a replay runs it eagerly on the same static buffers. Everything but CUDA's own
+    recording is exercised: warm-up, static inputs, in-place LR and sums, zeroed (not dropped) gradients,
+    replay counting, Lightning's step count and the fallback on a failed capture."""
+
+    description = "recorded once, replayed eagerly (a stand-in for a CUDA graph)"
+
+    def __init__(self) -> None:
+        self.run: Callable[[], None] | None = None
+        self.warmups = 0
+        self.replays = 0
+        self.replaying = False
+
+    def warmup(self, run: Callable[[], None]) -> None:
+        self.warmups += 1
+        run()
+
+    def capture(self, run: Callable[[], None]) -> None:
+        self.run = run
+
+    def replay(self) -> None:
+        assert self.run is not None, "capture first"
+        self.replays += 1
+        self.replaying = True
+        try:
+            self.run()
+        finally:
+            self.replaying = False
+
+
 class GraphedStep:
     """Runs ``step(*batch)`` eagerly ``warmup`` times, then captures it once and replays it.
 
@@ -103,6 +179,9 @@ class GraphedStep:
     (images, labels, and a mixed batch's λ); each later call copies its batch into them and replays.
     Capturing does not run the step, so the capturing call replays right after. Batches must keep their
     shapes (the training loader drops the last short batch).
+
+    An error while warming up or capturing raises :class:`GraphCaptureError` (the caller goes on eagerly); an
+    error in a replay raises :class:`GraphReplayError`.
     """
 
     def __init__(self, step: Callable[..., None], backend: GraphBackend, warmup: int = 3) -> None:
@@ -120,10 +199,16 @@ class GraphedStep:
         if self.static is None:
             if self.eager_calls < self.warmup:
                 self.eager_calls += 1
-                self.backend.warmup(lambda: self.step(*batch))
+                try:
+                    self.backend.warmup(lambda: self.step(*batch))
+                except Exception as err:
+                    raise GraphCaptureError("warm-up", err) from err
                 return
             static = tuple(t.clone() for t in batch)
-            self.backend.capture(lambda: self.step(*static))
+            try:
+                self.backend.capture(lambda: self.step(*static))
+            except Exception as err:
+                raise GraphCaptureError("capture", err) from err
             self.static = static
         else:
             shapes = [tuple(t.shape) for t in batch]
@@ -134,4 +219,7 @@ class GraphedStep:
                 )
             for target, source in zip(self.static, batch, strict=True):
                 target.copy_(source)
-        self.backend.replay()
+        try:
+            self.backend.replay()
+        except Exception as err:
+            raise GraphReplayError(err) from err
