@@ -369,8 +369,10 @@ def test_a_signal_in_any_phase_exits_non_zero_with_one_line(
         assert "nothing was trained, nothing to resume" in lines[0]
         assert not (logs / "resnet20" / "version_0").exists(), "no empty run folder left"
     elif phase == "test":
-        assert f"training is complete ({last}); run the final test and write the run's record with: python " \
+        assert (
+            f"training is complete ({last}); run the final test and write the run's record with: python "
             f"scripts/fit.py --ckpt_path {last}" in lines[0]
+        )
     else:
         assert last.is_file() and (f"resume with: python scripts/fit.py --ckpt_path {last}" in lines[0]
                                    or "training is complete" in lines[0]), lines  # fmt: skip

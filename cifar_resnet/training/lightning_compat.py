@@ -38,8 +38,10 @@ def validation_unfinished(trainer: L.Trainer) -> bool:
         done = epoch_loop.val_loop.batch_progress.current.completed
         return done < sum(trainer.num_val_batches)
     train = epoch_loop.batch_progress.current
-    return train.processed >= trainer.num_training_batches and train.completed < train.processed and _validation_due(
-        trainer
+    return (
+        train.processed >= trainer.num_training_batches
+        and train.completed < train.processed
+        and _validation_due(trainer)
     )
 
 
