@@ -22,7 +22,7 @@ import torch
 from cifar_resnet.cli import fit as cli
 from cifar_resnet.training.reliability import TrainingInterruptedError
 from tests.conftest import make_image_folder
-from tests.helpers import fit, fit_args, load_checkpoint, scalars
+from tests.helpers import files_of, fit, fit_args, load_checkpoint, scalars
 
 pytestmark = pytest.mark.reliability
 
@@ -189,3 +189,46 @@ def test_a_stop_mid_epoch_or_in_the_last_validation_with_weight_averaging_change
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     _stop_and_resume(reference, tmp_path, monkeypatch, point, signum, recipe)
+
+
+def test_an_old_best_of_a_finished_run_continues_as_a_new_run_beside_it(
+    reference: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, logs = reference["data"], tmp_path / "logs"
+    args = fit_args(data, logs, *COMMON)
+    fit(*args)
+    run = logs / RUN
+    (best,) = (run / "checkpoints").glob("best-epoch001-*.ckpt")  # the first epoch validated best; the run has two
+    before = files_of(run)
+    capsys.readouterr()
+
+    fit(*args, "--ckpt_path", str(best))
+    out = capsys.readouterr().out
+    branch = logs / "resnet20" / "version_1"
+    assert f"{best} is an earlier state of its run (its last.ckpt is at step 6, this one at step 3)" in out
+    assert f"continuing it as a new run in {branch}" in out
+    assert files_of(run) == before, "the run's last.ckpt, best checkpoint and result.json are left as they were"
+    assert load_checkpoint(branch / "checkpoints" / "last.ckpt")["global_step"] == 6
+    record = json.loads((branch / "result.json").read_text())
+    assert record["epochs"] == 2 and record["best_epoch"] in (1, 2)
+
+
+def test_max_epochs_below_the_runs_position_is_refused_in_one_line(
+    reference: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, logs = reference["data"], tmp_path / "logs"
+    args = fit_args(data, logs, *COMMON)
+    with pytest.raises(TrainingInterruptedError):
+        _fit_with(monkeypatch, SendSignal(StopPoint("train", 1, 1), signal.SIGTERM), *args)
+    last = logs / RUN / "checkpoints" / "last.ckpt"
+    assert load_checkpoint(last)["global_step"] == 5, "stopped inside the second epoch"
+    before = files_of(logs)
+    capsys.readouterr()
+
+    assert cli.main([*args, "--ckpt_path", str(last), "--max_epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"fit.py: error: --max_epochs 1 ends before the run's position (inside epoch 2 (step 5) of {last}); pass "
+        "--max_epochs 2 or more, or start a new run"
+    ]
+    assert files_of(logs) == before, "nothing written"

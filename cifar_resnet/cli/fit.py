@@ -30,7 +30,7 @@ from cifar_resnet.training.module import ImageClassifier
 from cifar_resnet.training.records import RECORD_NAME, RunClock, build_record, write_record
 from cifar_resnet.training.reliability import StopSignals, TrainingInterruptedError, sigterm_stop
 from cifar_resnet.training.resume import ResumePlan, plan_resume
-from cifar_resnet.training.runs import RunLocation, claim_run_folder, run_location_of, run_lock
+from cifar_resnet.training.runs import RunLocation, claim_run_folder, read_checkpoint, run_location_of, run_lock
 from cifar_resnet.training.step import GraphReplayError
 from cifar_resnet.training.trainer import RunLabel, build_trainer, run_dir
 
@@ -108,6 +108,45 @@ def _run_folder(config: FitConfig, plan: ResumePlan, rank_zero: bool) -> tuple[R
     return claim_run_folder(config.trainer.log_dir, config.model.arch), True
 
 
+def _branch_off(plan: ResumePlan) -> tuple[ResumePlan, set[Path]]:
+    """Continue an older checkpoint of a run (an old best) as a new run beside it, leaving the run itself as it is.
+
+    The checkpoint, and the best checkpoint it records, are copied into the new run's ``checkpoints/``, which the
+    resumed run then owns: it never writes the original's ``last.ckpt`` or ``result.json``, nor deletes its best.
+    """
+    assert plan.checkpoint is not None and plan.newer is not None
+    original = run_location_of(plan.checkpoint)
+    assert original is not None
+    if os.environ.get(RUN_FOLDER_ENV):  # a process launched by the first one: it already branched off
+        folder = Path(os.environ[RUN_FOLDER_ENV])
+        return replace(plan, checkpoint=folder / "checkpoints" / plan.checkpoint.name, newer=None), set()
+    location = claim_run_folder(original.save_dir, original.name)
+    target = location.path / "checkpoints"
+    target.mkdir()
+    copies = {target / plan.checkpoint.name}
+    best = _recorded_best(plan.stored)
+    if best is not None and best.parent == plan.checkpoint.parent and best.is_file():
+        copies.add(target / best.name)
+    for copy in copies:
+        shutil.copy2(plan.checkpoint.parent / copy.name, copy)
+    newest_step = int(read_checkpoint(plan.newer).get("global_step", 0))
+    say(f"{plan.checkpoint} is an earlier state of its run (its last.ckpt is at step {newest_step}, this one at step "
+        f"{plan.step}): continuing it as a new run in {location.path}; {original.path} is left as it is",
+        flush=True)  # fmt: skip
+    copied = target / plan.checkpoint.name
+    config = replace(plan.config, run=replace(plan.config.run, ckpt_path=str(copied)))
+    return replace(plan, config=config, checkpoint=copied, newer=None), copies
+
+
+def _recorded_best(checkpoint: dict[str, Any]) -> Path | None:
+    """The best checkpoint's path that a checkpoint's ModelCheckpoint record holds, if any."""
+    for key, state in checkpoint.get("callbacks", {}).items():
+        if key.startswith("ModelCheckpoint") and isinstance(state, dict) and state.get("monitor") == "val/acc":
+            path = state.get("best_model_path")
+            return Path(path) if path else None
+    return None
+
+
 def _fit(config: FitConfig, explicit: Collection[str], command: list[str]) -> dict[str, Any]:
     may_download = config.data.download or config.data.data_dir == DEFAULT_DATA_DIR
     config = absolute_paths(config)
@@ -115,6 +154,9 @@ def _fit(config: FitConfig, explicit: Collection[str], command: list[str]) -> di
     if log_dir.exists() and not log_dir.is_dir():
         raise UserError(f"--log_dir {log_dir} is a file; pass a folder (runs land in LOG_DIR/<arch>/version_N)")
     plan = plan_resume(config, explicit)
+    branch: set[Path] = set()  # the files a branched-off run copied into its new folder
+    if plan.newer is not None:
+        plan, branch = _branch_off(plan)
     config = plan.config
     max_epochs = config.trainer.max_epochs
     if plan.checkpoint is not None:
@@ -161,6 +203,7 @@ def _fit(config: FitConfig, explicit: Collection[str], command: list[str]) -> di
     rank_zero = launched_as_rank_zero()
     new_parents = [p for p in (log_dir / config.model.arch, log_dir) if not p.exists()]  # deepest first
     location, created = _run_folder(config, plan, rank_zero)
+    created = created or bool(branch)
     try:
         with StopSignals() as signals, contextlib.ExitStack() as stack:
             if rank_zero and location is not None:
@@ -173,7 +216,7 @@ def _fit(config: FitConfig, explicit: Collection[str], command: list[str]) -> di
     except (UserError, TrainingInterruptedError):
         # Bad input or data, or a signal before the first step: a folder this call created holds nothing to keep.
         folder = location.path if location is not None else None
-        if created and folder is not None and folder.is_dir() and not any(folder.rglob("*.ckpt")):
+        if created and folder is not None and folder.is_dir() and set(folder.rglob("*.ckpt")) <= branch:
             shutil.rmtree(folder, ignore_errors=True)
             for parent in new_parents:  # and the folders the claim created for it, when nothing else is there
                 with contextlib.suppress(OSError):
