@@ -232,3 +232,23 @@ def test_max_epochs_below_the_runs_position_is_refused_in_one_line(
         "--max_epochs 2 or more, or start a new run"
     ]
     assert files_of(logs) == before, "nothing written"
+
+
+def test_another_process_count_is_refused_inside_an_epoch(
+    reference: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, logs = reference["data"], tmp_path / "logs"
+    args = fit_args(data, logs, *COMMON)
+    with pytest.raises(TrainingInterruptedError):
+        _fit_with(monkeypatch, SendSignal(StopPoint("train", 1, 1), signal.SIGTERM), *args)
+    last = logs / RUN / "checkpoints" / "last.ckpt"
+    checkpoint = load_checkpoint(last)
+    assert checkpoint["world_size"] == 1
+    checkpoint["world_size"] = 2  # as written inside an epoch by a run of two processes
+    torch.save(checkpoint, last)
+    before = files_of(logs)
+    capsys.readouterr()
+    assert cli.main([*args, "--ckpt_path", str(last)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{last} was written inside an epoch by 2 processes; continue it on 2" in err[0], err
+    assert files_of(logs) == before

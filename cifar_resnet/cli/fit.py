@@ -138,6 +138,26 @@ def _branch_off(plan: ResumePlan) -> tuple[ResumePlan, set[Path]]:
     return replace(plan, config=config, checkpoint=copied, newer=None), copies
 
 
+def _check_process_count(plan: ResumePlan, world_size: int, batch_size: int) -> None:
+    """A run may continue on another number of processes (another global batch) only from an epoch's start.
+
+    Inside an epoch the data order is planned for the process count the epoch began with: resumed on another
+    count, some of its images would train twice and others not at all.
+    """
+    saved = int(plan.stored.get("world_size", world_size))
+    if saved == world_size:
+        return
+    if plan.mid_epoch:
+        raise UserError(
+            f"{plan.checkpoint} was written inside an epoch by {saved} process{'es' if saved > 1 else ''}; continue "
+            f"it on {saved} (--devices and --num_nodes as it ran) to the epoch's end, or from a checkpoint written "
+            f"at an epoch's end, to change the number of processes"
+        )
+    say(f"continuing on {world_size} process{'es' if world_size > 1 else ''} (was {saved}): global batch "
+        f"{world_size * batch_size} (was {saved * batch_size}) per step; the LR schedule is re-planned to end at "
+        "the run's last step", flush=True)  # fmt: skip
+
+
 def _recorded_best(checkpoint: dict[str, Any]) -> Path | None:
     """The best checkpoint's path that a checkpoint's ModelCheckpoint record holds, if any."""
     for key, state in checkpoint.get("callbacks", {}).items():
@@ -255,6 +275,8 @@ def _train_and_test(
     stored = replace(config, run=replace(config.run, ckpt_path=None)).flat()
     label = RunLabel(config.model.arch, location, render, stored, signals)
     trainer, checkpoints = build_trainer(config.trainer, label)
+    if plan.checkpoint is not None:
+        _check_process_count(plan, trainer.world_size, config.data.batch_size)
     ckpt_path = str(plan.checkpoint) if plan.checkpoint else None
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
