@@ -211,8 +211,8 @@ class EMA(WeightAverage):
 
     def _average_integers(self, averaged: list[torch.Tensor], current: list[torch.Tensor]) -> None:
         # torch's formula in floating point, truncated back into the integer tensors (lerp takes floats only).
-        mixed = torch._foreach_add(torch._foreach_mul(averaged, self.decay), torch._foreach_mul(current, 1 - self.decay))
-        torch._foreach_copy_(averaged, mixed)
+        kept, added = torch._foreach_mul(averaged, self.decay), torch._foreach_mul(current, 1 - self.decay)
+        torch._foreach_copy_(averaged, torch._foreach_add(kept, added))
 
 
 class SWA(WeightAverage):
