@@ -256,23 +256,32 @@ _SYNCING_OPS = {
 # The meta-device tests (tests/test_recipes.py, tests/test_policy_augment.py) check that they hold no batch data.
 _HOST_ONLY = {"draw", "_draw_autoaugment", "_op_counts", "draw_mix"}
 
+# The reads designed into an epoch's last batch, by the project function they come from (file, function): the
+# logged step loss, the divergence check, the epoch's throughput figure, the DataLoader's host-side seed draw.
+_EPOCH_END_READS = {("module.py", "_log_step_scalars"), ("reliability.py", "on_train_batch_end"),
+                    ("callbacks.py", "on_train_batch_end"), ("datamodule.py", "__iter__")}  # fmt: skip
+
 
 class SyncRecorder(TorchDispatchMode):
-    """Every syncing op, with the training batch during which it ran (all hooks, Lightning's own included)."""
+    """Every syncing op, with the training batch during which it ran (all hooks, Lightning's own included), where
+    it ran, and the innermost project function (file name, function) that led to it."""
 
     def __init__(self) -> None:
         super().__init__()
         self.batch: tuple[int, int] | None = None
-        self.records: list[tuple[tuple[int, int], str, str]] = []
+        self.records: list[tuple[tuple[int, int], str, str, tuple[str, str]]] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         name = func.overloadpacket.__name__
         if self.batch is not None and name in _SYNCING_OPS:
-            frames = [f for f in traceback.extract_stack()[:-1] if "torch/" not in f.filename]
+            stack = traceback.extract_stack()[:-1]
+            frames = [f for f in stack if "torch/" not in f.filename]
             if any(f.filename.endswith("policies.py") and f.name in _HOST_ONLY for f in frames):
                 return func(*args, **(kwargs or {}))
             where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
-            self.records.append((self.batch, name, where))
+            project = [f for f in stack if "/cifar_resnet/" in f.filename]
+            site = (Path(project[-1].filename).name, project[-1].name) if project else ("?", "?")
+            self.records.append((self.batch, name, where, site))
         return func(*args, **(kwargs or {}))
 
 
@@ -283,17 +292,25 @@ class MarkBatches(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
         self.recorder.batch = (trainer.current_epoch, idx)
 
+    def on_validation_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.recorder.batch = None  # an epoch's last batch is watched up to its validation
+
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         self.recorder.batch = None
 
 
-@pytest.mark.parametrize("recipe", [(), ("--policy", "randaugment", "--mixup", "1", "--cutmix", "1")],
-                         ids=["plain", "policy-and-mixing"])  # fmt: skip
+@pytest.mark.parametrize(
+    "recipe",
+    [(), ("--policy", "randaugment", "--mixup", "1", "--cutmix", "1"), ("--ema", "0.9"), ("--swa_epochs", "1")],
+    ids=["plain", "policy-and-mixing", "ema", "swa"],
+)
 @pytest.mark.parametrize("graphed", [False, True], ids=["eager", "graph-stand-in"])
 def test_training_steps_never_wait_for_the_device_except_to_log(
     graphed: bool, recipe: tuple[str, ...], folder: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    """Between an epoch's first and last batch, the only host read is the step loss every log_every_n_steps."""
+    """From an epoch's first batch to its validation, the only host reads are the step loss every
+    log_every_n_steps and at the epoch's last step, and the divergence check at the epoch's last step; weight
+    averaging (EMA every step, SWA at the epoch's last step) adds none."""
     if graphed:
         request.getfixturevalue("graphs_on_the_cpu")
 
@@ -314,15 +331,22 @@ def test_training_steps_never_wait_for_the_device_except_to_log(
     with recorder:
         fit(*args)
     per_batch: dict[tuple[int, int], list[str]] = {}
-    for batch, name, where in recorder.records:
+    sites: dict[tuple[int, int], list[tuple[str, str]]] = {}
+    for batch, name, where, site in recorder.records:
         per_batch.setdefault(batch, []).append(f"{name} at {where}")
+        sites.setdefault(batch, []).append(site)
     assert {epoch for epoch, _ in per_batch} == {0, 1}, "the recorder saw both epochs"
     for epoch in (0, 1):
-        for idx in range(9):  # the epoch's last batch (9) also validates, checkpoints and logs the epoch
+        for idx in range(9):
             step = epoch * 10 + idx
             expected = 1 if (step + 1) % 4 == 0 else 0
             reads = per_batch.get((epoch, idx), [])
             assert len(reads) == expected, f"step {step}: {reads}"
+        # The epoch's last batch, up to its validation: the loss is logged once, and nothing else reads but the
+        # epoch's designed reads (divergence check, throughput, the loader's seed).
+        last = sites.get((epoch, 9), [])
+        assert last.count(("module.py", "_log_step_scalars")) == 1, per_batch.get((epoch, 9))
+        assert set(last) <= _EPOCH_END_READS, per_batch.get((epoch, 9))
 
 
 def test_the_lr_tensor_follows_the_replanned_schedule_after_a_resume(folder: Path, tmp_path: Path) -> None:
