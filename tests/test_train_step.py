@@ -12,6 +12,8 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import EMAWeightAveraging
+from torch.optim.swa_utils import AveragedModel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -240,6 +242,103 @@ def test_a_replayed_graph_holds_the_whole_step_and_counts_every_step(
     step_ops = {"convolution", "convolution_backward", "native_batch_norm", "_fused_sgd_", "nll_loss_forward", "topk"}
     assert step_ops.isdisjoint(outside), sorted(step_ops & set(outside))
     assert "copy_" in outside and "fill_" in outside, "batch copied into the static buffers, LR tensor filled"
+
+
+# ---------------------------------------------------------------------------------------------- averaging
+
+
+class LightningEMA(L.Callback):
+    """Lightning's EMAWeightAveraging fed the same steps: only its setup and its batch-end update (no swapping), so
+    it watches the run without changing it; also keeps the raw state after the last step."""
+
+    def __init__(self, decay: float) -> None:
+        self.reference = EMAWeightAveraging(decay=decay)
+        self.raw: dict[str, torch.Tensor] = {}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.reference.setup(trainer, pl_module, "fit")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        self.reference.on_train_batch_end(trainer, pl_module, outputs, batch, idx)
+        self.raw = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    def checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """What Lightning's callback writes into a checkpoint: its average as state_dict, and its count."""
+        checkpoint: dict[str, Any] = {"state_dict": {}}
+        self.reference.on_save_checkpoint(trainer, pl_module, checkpoint)
+        return checkpoint
+
+
+class TorchSWA(L.Callback):
+    """torch's AveragedModel (its equal average, buffers included) of the weights after each epoch's last step from
+    epoch ``first_epoch``; also keeps the raw state after the last step."""
+
+    def __init__(self, first_epoch: int) -> None:
+        self.first_epoch = first_epoch
+        self.average: AveragedModel | None = None
+        self.raw: dict[str, torch.Tensor] = {}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.average = AveragedModel(pl_module.model, use_buffers=True)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        if trainer.is_last_batch and trainer.current_epoch >= self.first_epoch:
+            assert self.average is not None
+            self.average.update_parameters(pl_module.model)
+        self.raw = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+
+def _assert_close_averages(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], raw: dict) -> None:
+    """Floating-point tensors equal within float rounding, integer buffers exactly; and the average is no copy."""
+    assert ours.keys() == reference.keys()
+    for key, value in ours.items():
+        if value.is_floating_point():
+            assert torch.allclose(value, reference[key], rtol=1e-5, atol=1e-6), key
+        else:
+            assert torch.equal(value, reference[key]), key
+    moved = [k for k, v in ours.items() if v.is_floating_point() and not torch.allclose(v, raw[k], atol=1e-4)]
+    assert len(moved) > len(ours) // 4, "the average differs from the raw weights"
+
+
+@pytest.mark.filterwarnings("ignore:You're using the WeightAveraging callback with a model that overrides")
+@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "graph-stand-in"])
+def test_ema_in_the_step_equals_lightnings_ema_callback(
+    graphed: bool, folder: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if graphed:
+        request.getfixturevalue("graphs_on_the_cpu")
+    reference = LightningEMA(decay=0.9)
+    module, _, trainer = _train(folder, tmp_path, callbacks=[reference], ema=0.9, cuda_graphs=graphed)
+    assert trainer.global_step == 20
+    if graphed:
+        assert EagerReplay.instances[-1].replays == 17, "the update ran inside the replayed step"
+    expected = reference.checkpoint(trainer, module)
+    network = lambda state: {k: v for k, v in state.items() if k.startswith("model.")}  # noqa: E731
+    # After training the module holds the average (for the test and exports); a save still places both.
+    trainer.save_checkpoint(tmp_path / "after.ckpt")
+    saved = torch.load(tmp_path / "after.ckpt", weights_only=True)
+    ours = {f"model.{k}": v for k, v in module.model.state_dict().items()}
+    _assert_close_averages(ours, network(expected["state_dict"]), network(reference.raw))
+    assert all(torch.equal(saved["state_dict"][k], v) for k, v in ours.items())
+    raw = network(saved["current_model_state"])
+    assert raw.keys() == ours.keys() and all(torch.equal(raw[k], reference.raw[k]) for k in raw)
+    assert int(saved["averaging_state"]["n_averaged"]) == int(expected["averaging_state"]["n_averaged"]) == 20
+
+
+@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "graph-stand-in"])
+def test_swa_equals_torchs_equal_average_of_the_last_epochs_ends(
+    graphed: bool, folder: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if graphed:
+        request.getfixturevalue("graphs_on_the_cpu")
+    reference = TorchSWA(first_epoch=1)
+    module, _, trainer = _train(folder, tmp_path, epochs=3, callbacks=[reference], swa_epochs=2, swa_lr=0.01)
+    assert reference.average is not None and int(reference.average.n_averaged) == 2
+    expected = {f"model.{k}": v for k, v in reference.average.module.state_dict().items()}
+    ours = {f"model.{k}": v for k, v in module.model.state_dict().items()}
+    _assert_close_averages(ours, expected, reference.raw)
+    trainer.save_checkpoint(tmp_path / "after.ckpt")
+    assert int(torch.load(tmp_path / "after.ckpt", weights_only=True)["averaging_state"]["n_averaged"]) == 2
 
 
 # Operations that make the host wait for the device when their input lives on a GPU: reading a value
