@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +28,16 @@ from cifar_resnet.training.module import ImageClassifier
 from cifar_resnet.training.reliability import TrainingInterruptedError
 from cifar_resnet.training.schedule import LRSchedule
 from tests.conftest import make_image_folder, real_cifar_subset
-from tests.helpers import fit, fit_args, load_checkpoint, scalars, stop_mid_epoch_and_resume
+from tests.helpers import (
+    FIT,
+    REPO_ROOT,
+    fit,
+    fit_args,
+    load_checkpoint,
+    scalars,
+    script_env,
+    stop_mid_epoch_and_resume,
+)
 
 POLICIES = ("autoaugment", "randaugment", "trivialaugment")
 
@@ -376,3 +389,68 @@ def test_a_stop_during_validation_saves_raw_and_averaged_weights_in_their_places
         resumed = load_checkpoint(stop.checkpoint)
         _assert_same(_network(resumed["state_dict"]), _network(whole["state_dict"]), "averaged weights after resume")
         _assert_same(_network(resumed["current_model_state"]), _network(whole["current_model_state"]), "raw after")
+
+
+# A sitecustomize for the real-signal test: the fit pauses in training step PAUSE_AT (counting from 1), writes
+# PAUSE_MARKER, and goes on once the run's signal handler has recorded a signal (a state, not a time).
+PAUSE_UNTIL_SIGNALLED = """
+import os, time
+from pathlib import Path
+
+from cifar_resnet.training import module, reliability
+
+_marker, _at = Path(os.environ["PAUSE_MARKER"]), int(os.environ["PAUSE_AT"])
+_calls, _handled = [0], []
+_handle, _step = reliability.StopSignals.handle, module.ImageClassifier.training_step
+
+
+def handle(self, signum, frame):
+    _handled.append(signum)
+    return _handle(self, signum, frame)
+
+
+def training_step(self, batch, batch_idx):
+    _calls[0] += 1
+    if _calls[0] == _at:
+        _marker.write_text("here")
+        deadline = time.monotonic() + 120  # only against a hang
+        while not _handled and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return _step(self, batch, batch_idx)
+
+
+reliability.StopSignals.handle = handle
+module.ImageClassifier.training_step = training_step
+"""
+
+
+@pytest.mark.slow
+def test_a_real_sigterm_mid_epoch_with_ema_resumes_bitwise(five_steps: Path, tmp_path: Path) -> None:
+    common = ("--max_epochs", "2", "--no_test", "--seed", "4", "--ema", "0.8")
+    whole = Path(fit(*fit_args(five_steps, tmp_path / "whole", *common))["last_checkpoint"])
+    hook, marker = tmp_path / "hook", tmp_path / "paused"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(PAUSE_UNTIL_SIGNALLED)
+    env = {**script_env(tmp_path), "PYTHONPATH": os.pathsep.join([str(hook), str(REPO_ROOT)]),
+           "PAUSE_MARKER": str(marker), "PAUSE_AT": "7"}  # fmt: skip
+    logs = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, FIT, *fit_args(five_steps, logs, *common)], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300  # only against a hang
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 143, err[-2000:]
+    last = logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt"
+    stopped = load_checkpoint(last)
+    assert stopped["global_step"] == 7 and int(stopped["averaging_state"]["n_averaged"]) == 7, "step 7's update kept"
+    fit(*fit_args(five_steps, logs, *common, "--ckpt_path", str(last)))
+    a, b = _state(whole), _state(last)
+    assert a["step"] == b["step"] == 10
+    _assert_same(a["tensors"], b["tensors"], "raw, averaged, count and momentum")
