@@ -341,6 +341,46 @@ def test_swa_equals_torchs_equal_average_of_the_last_epochs_ends(
     assert int(torch.load(tmp_path / "after.ckpt", weights_only=True)["averaging_state"]["n_averaged"]) == 2
 
 
+class CountOps(TorchDispatchMode):
+    """The name of every op dispatched while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "resnet18", "resnet50"])
+def test_an_average_update_is_five_multi_tensor_ops_whatever_the_network(arch: str) -> None:
+    """One lerp over the floating-point tensors and four ops over the integer buffers (EMA and SWA alike), where
+    torch's AveragedModel.update_parameters, which Lightning's callback calls, dispatches ops per tensor."""
+    from torch.optim.swa_utils import get_ema_avg_fn
+
+    from cifar_resnet.training.averaging import EMA, SWA
+
+    module = ImageClassifier(arch=arch, num_classes=10)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_progress_bar=False)
+    expected = {EMA: ["_foreach_add", "_foreach_copy_", "_foreach_lerp_", "_foreach_mul", "_foreach_mul"],
+                SWA: ["_foreach_add", "_foreach_copy_", "_foreach_div", "_foreach_lerp_", "_foreach_sub"]}  # fmt: skip
+    for averaging in (EMA(0.9), SWA(2)):
+        averaging.setup(trainer, module, "fit")
+        averaging.on_fit_start(trainer, module)
+        for _ in range(2):  # the first update copies, the second averages
+            with CountOps() as counted:
+                averaging.update_in_step()
+                averaging.after_step(epoch=2, last_of_epoch=True)
+        assert averaging.count == 2 and sorted(counted.ops) == expected[type(averaging)], counted.ops
+    reference = AveragedModel(module.model, avg_fn=get_ema_avg_fn(0.9), use_buffers=True)
+    reference.update_parameters(module.model)
+    with CountOps() as counted:
+        reference.update_parameters(module.model)
+    tensors = len([*module.model.parameters(), *module.model.buffers()])
+    assert len(counted.ops) > 2 * tensors > 5, (len(counted.ops), tensors)
+
+
 # Operations that make the host wait for the device when their input lives on a GPU: reading a value
 # (item, float, bool, int, if tensor), data-dependent output sizes, whole-tensor comparisons, and tensors
 # built from Python data (a blocking copy from pageable memory).
