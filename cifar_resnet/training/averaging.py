@@ -11,9 +11,9 @@ then keep the raw weights.
 Why not Lightning's callbacks: they update the average in ``on_train_batch_end`` through
 ``AveragedModel.update_parameters``, which reads its update count back from the device (``bool(n_averaged ==
 0)``), launches about four kernels per tensor, and runs after the other callbacks' batch-end hooks have already
-saved a stop checkpoint without that step's update. Lightning also builds the ``AveragedModel`` in ``setup``,
-before the strategy moves the model to its device, so on a GPU the copy stays in host memory. Here the
-averaged copy is made on the model's device once the fit starts, and the update is a few multi-tensor ops
+saved a stop checkpoint without that step's update; and its checkpoint hook assumes the raw weights are in
+the model, which is not so during validation. Here the averaged copy is made when the fit starts, once the
+model has its device, dtype and layout, and the update is a few multi-tensor ops
 (``torch._foreach_lerp_`` for floating-point tensors) that the module calls inside its step, right after the
 optimizer update, so a CUDA graph captures it with the step. Whether an update copies (the first) or averages
 is decided on the host from a Python count; nothing is read back. Only the network (``pl_module.model``) is
