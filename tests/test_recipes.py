@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
 import torch
 
+from cifar_resnet.cli import fit as fit_module
 from cifar_resnet.cli.arguments import resolve
 from cifar_resnet.cli.fit import main as fit_main
 from cifar_resnet.config import ModelConfig
@@ -19,9 +25,19 @@ from cifar_resnet.data.policies import dominant_labels, mixed_soft_targets, smoo
 from cifar_resnet.data.sources import CIFAR10_MEAN, CIFAR10_STD
 from cifar_resnet.errors import UserError
 from cifar_resnet.training.module import ImageClassifier
+from cifar_resnet.training.reliability import TrainingInterruptedError
 from cifar_resnet.training.schedule import LRSchedule
 from tests.conftest import make_image_folder, real_cifar_subset
-from tests.helpers import fit, fit_args, load_checkpoint, scalars, stop_mid_epoch_and_resume
+from tests.helpers import (
+    FIT,
+    REPO_ROOT,
+    fit,
+    fit_args,
+    load_checkpoint,
+    scalars,
+    script_env,
+    stop_mid_epoch_and_resume,
+)
 
 POLICIES = ("autoaugment", "randaugment", "trivialaugment")
 
@@ -264,3 +280,177 @@ def test_a_run_killed_mid_epoch_resumes_bitwise_with_ema_and_with_mixing(
         assert any(k.startswith("raw.") for k in a["tensors"]), "EMA checkpoints carry the raw weights too"
     different = [k for k in a["tensors"] if not torch.equal(a["tensors"][k], b["tensors"][k])]
     assert different == [], f"stopped at step {stopped_at}: {different[:3]}"
+
+
+# ---------------------------------------------------------------------------------------------- stops with averaging
+
+
+class SignalAt(L.Callback):
+    """Raises ``signum`` in this process once, at one point of a fit: after training step ``step`` (the global step
+    then), or after the first validation batch of epoch ``validation_epoch`` (not the sanity check). Placed first
+    among the callbacks, so the run's own stop handling sees the signal at that same point."""
+
+    def __init__(self, signum: int, step: int | None = None, validation_epoch: int | None = None) -> None:
+        self.signum, self.step, self.validation_epoch = signum, step, validation_epoch
+        self.sent = False
+
+    def _send(self) -> None:
+        if not self.sent:
+            self.sent = True
+            signal.raise_signal(self.signum)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        if trainer.global_step == self.step:
+            self._send()
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if trainer.current_epoch == self.validation_epoch and not trainer.sanity_checking and idx == 0:
+            self._send()
+
+
+def _stopped_fit(monkeypatch: pytest.MonkeyPatch, stop: SignalAt, *args: str) -> TrainingInterruptedError:
+    """A fit in this process that ``stop`` interrupts; the error it ends with."""
+    build = fit_module.build_trainer
+
+    def with_stop(*build_args: Any) -> Any:
+        trainer, checkpoints = build(*build_args)
+        trainer.callbacks.insert(0, stop)
+        return trainer, checkpoints
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fit_module, "build_trainer", with_stop)
+        with pytest.raises(TrainingInterruptedError) as stopped:
+            fit(*args)
+    assert stop.sent and stopped.value.signum == stop.signum
+    return stopped.value
+
+
+def _network(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if k.startswith("model.")}
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
+    assert a.keys() == b.keys(), what
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert different == [], f"{what}: {len(different)} tensors differ, first {different[:3]}"
+
+
+@pytest.fixture
+def five_steps(tmp_path: Path) -> Path:
+    """3 classes x 16 training images: 42 after a 6-image validation split, 5 batches of 8 an epoch."""
+    return make_image_folder(tmp_path / "data", per_class={"train": 16})
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_graceful_stop_mid_epoch_with_ema_resumes_bitwise_with_every_update(
+    signum: int, five_steps: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stop checkpoint holds the stopping step's EMA update: raw weights, average and count all continue."""
+    common = ("--max_epochs", "2", "--no_test", "--seed", "4", "--ema", "0.8")
+    whole = Path(fit(*fit_args(five_steps, tmp_path / "whole", *common))["last_checkpoint"])
+    logs = tmp_path / "stopped"
+    stop = _stopped_fit(monkeypatch, SignalAt(signum, step=7), *fit_args(five_steps, logs, *common))
+    assert stop.checkpoint is not None
+    stopped = load_checkpoint(stop.checkpoint)
+    assert stopped["global_step"] == 7 and int(stopped["averaging_state"]["n_averaged"]) == 7, "one update a step"
+    fit(*fit_args(five_steps, logs, *common, "--ckpt_path", str(stop.checkpoint)))
+    a, b = _state(whole), _state(stop.checkpoint)
+    assert a["step"] == b["step"] == 10 and int(b["tensors"]["avg.n_averaged"]) == 10
+    _assert_same(a["tensors"], b["tensors"], "raw, averaged, count and momentum")
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [("--max_epochs", "2", "--ema", "0.8"), ("--max_epochs", "3", "--swa_epochs", "2", "--swa_lr", "0.01")],
+    ids=["EMA", "SWA"],
+)
+def test_a_stop_during_validation_saves_raw_and_averaged_weights_in_their_places(
+    recipe: tuple[str, ...], five_steps: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validation runs with the average swapped in; a SIGTERM or Ctrl-C then saves the raw weights as raw and the
+    average as average, and the resumed run ends with the uninterrupted run's weights and average."""
+    common = ("--no_test", "--seed", "4", "--eval_batch_size", "2", *recipe)
+    epochs = int(recipe[1])
+    whole = load_checkpoint(Path(fit(*fit_args(five_steps, tmp_path / "whole", *common))["last_checkpoint"]))
+    assert not torch.equal(whole["state_dict"]["model.fc.weight"], whole["current_model_state"]["model.fc.weight"])
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        logs = tmp_path / signal.Signals(signum).name
+        in_validation = SignalAt(signum, validation_epoch=epochs - 1)
+        stop = _stopped_fit(monkeypatch, in_validation, *fit_args(five_steps, logs, *common))
+        assert stop.checkpoint is not None
+        stopped = load_checkpoint(stop.checkpoint)
+        assert stopped["global_step"] == 5 * epochs, "stopped in the last epoch's validation, its training done"
+        _assert_same(_network(stopped["state_dict"]), _network(whole["state_dict"]), "averaged weights as state_dict")
+        _assert_same(_network(stopped["current_model_state"]), _network(whole["current_model_state"]), "raw weights")
+        assert stopped["averaging_state"]["n_averaged"] == whole["averaging_state"]["n_averaged"]
+        fit(*fit_args(five_steps, logs, *common, "--ckpt_path", str(stop.checkpoint)))
+        resumed = load_checkpoint(stop.checkpoint)
+        _assert_same(_network(resumed["state_dict"]), _network(whole["state_dict"]), "averaged weights after resume")
+        _assert_same(_network(resumed["current_model_state"]), _network(whole["current_model_state"]), "raw after")
+
+
+# A sitecustomize for the real-signal test: the fit pauses in training step PAUSE_AT (counting from 1), writes
+# PAUSE_MARKER, and goes on once the run's signal handler has recorded a signal (a state, not a time).
+PAUSE_UNTIL_SIGNALLED = """
+import os, time
+from pathlib import Path
+
+from cifar_resnet.training import module, reliability
+
+_marker, _at = Path(os.environ["PAUSE_MARKER"]), int(os.environ["PAUSE_AT"])
+_calls, _handled = [0], []
+_handle, _step = reliability.StopSignals.handle, module.ImageClassifier.training_step
+
+
+def handle(self, signum, frame):
+    _handled.append(signum)
+    return _handle(self, signum, frame)
+
+
+def training_step(self, batch, batch_idx):
+    _calls[0] += 1
+    if _calls[0] == _at:
+        _marker.write_text("here")
+        deadline = time.monotonic() + 120  # only against a hang
+        while not _handled and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return _step(self, batch, batch_idx)
+
+
+reliability.StopSignals.handle = handle
+module.ImageClassifier.training_step = training_step
+"""
+
+
+@pytest.mark.slow
+def test_a_real_sigterm_mid_epoch_with_ema_resumes_bitwise(five_steps: Path, tmp_path: Path) -> None:
+    common = ("--max_epochs", "2", "--no_test", "--seed", "4", "--ema", "0.8")
+    whole = Path(fit(*fit_args(five_steps, tmp_path / "whole", *common))["last_checkpoint"])
+    hook, marker = tmp_path / "hook", tmp_path / "paused"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(PAUSE_UNTIL_SIGNALLED)
+    env = {**script_env(tmp_path), "PYTHONPATH": os.pathsep.join([str(hook), str(REPO_ROOT)]),
+           "PAUSE_MARKER": str(marker), "PAUSE_AT": "7"}  # fmt: skip
+    logs = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, FIT, *fit_args(five_steps, logs, *common)], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300  # only against a hang
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 143, err[-2000:]
+    last = logs / "resnet20" / "version_0" / "checkpoints" / "last.ckpt"
+    stopped = load_checkpoint(last)
+    assert stopped["global_step"] == 7 and int(stopped["averaging_state"]["n_averaged"]) == 7, "step 7's update kept"
+    fit(*fit_args(five_steps, logs, *common, "--ckpt_path", str(last)))
+    a, b = _state(whole), _state(last)
+    assert a["step"] == b["step"] == 10
+    _assert_same(a["tensors"], b["tensors"], "raw, averaged, count and momentum")

@@ -13,6 +13,8 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import EMAWeightAveraging
+from torch.optim.swa_utils import AveragedModel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -231,28 +233,174 @@ def test_a_replayed_graph_holds_the_whole_step_and_counts_every_step(
     assert "copy_" in outside and "fill_" in outside, "batch copied into the static buffers, LR tensor filled"
 
 
+# ---------------------------------------------------------------------------------------------- averaging
+
+
+class LightningEMA(L.Callback):
+    """Lightning's EMAWeightAveraging fed the same steps: only its setup and its batch-end update (no swapping), so
+    it watches the run without changing it; also keeps the raw state after the last step."""
+
+    def __init__(self, decay: float) -> None:
+        self.reference = EMAWeightAveraging(decay=decay)
+        self.raw: dict[str, torch.Tensor] = {}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.reference.setup(trainer, pl_module, "fit")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        self.reference.on_train_batch_end(trainer, pl_module, outputs, batch, idx)
+        self.raw = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    def checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """What Lightning's callback writes into a checkpoint: its average as state_dict, and its count."""
+        checkpoint: dict[str, Any] = {"state_dict": {}}
+        self.reference.on_save_checkpoint(trainer, pl_module, checkpoint)
+        return checkpoint
+
+
+class TorchSWA(L.Callback):
+    """torch's AveragedModel (its equal average, buffers included) of the weights after each epoch's last step from
+    epoch ``first_epoch``; also keeps the raw state after the last step."""
+
+    def __init__(self, first_epoch: int) -> None:
+        self.first_epoch = first_epoch
+        self.average: AveragedModel | None = None
+        self.raw: dict[str, torch.Tensor] = {}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.average = AveragedModel(pl_module.model, use_buffers=True)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        if trainer.is_last_batch and trainer.current_epoch >= self.first_epoch:
+            assert self.average is not None
+            self.average.update_parameters(pl_module.model)
+        self.raw = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+
+def _assert_close_averages(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], raw: dict) -> None:
+    """Floating-point tensors equal within float rounding, integer buffers exactly; and the average is no copy."""
+    assert ours.keys() == reference.keys()
+    for key, value in ours.items():
+        if value.is_floating_point():
+            assert torch.allclose(value, reference[key], rtol=1e-5, atol=1e-6), key
+        else:
+            assert torch.equal(value, reference[key]), key
+    moved = [k for k, v in ours.items() if v.is_floating_point() and not torch.allclose(v, raw[k], atol=1e-4)]
+    assert len(moved) > len(ours) // 4, "the average differs from the raw weights"
+
+
+@pytest.mark.filterwarnings("ignore:You're using the WeightAveraging callback with a model that overrides")
+@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "graph-stand-in"])
+def test_ema_in_the_step_equals_lightnings_ema_callback(
+    graphed: bool, folder: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if graphed:
+        request.getfixturevalue("graphs_on_the_cpu")
+    reference = LightningEMA(decay=0.9)
+    module, _, trainer = _train(folder, tmp_path, callbacks=[reference], ema=0.9, cuda_graphs=graphed)
+    assert trainer.global_step == 20
+    if graphed:
+        assert EagerReplay.instances[-1].replays == 17, "the update ran inside the replayed step"
+    expected = reference.checkpoint(trainer, module)
+    network = lambda state: {k: v for k, v in state.items() if k.startswith("model.")}  # noqa: E731
+    # After training the module holds the average (for the test and exports); a save still places both.
+    trainer.save_checkpoint(tmp_path / "after.ckpt")
+    saved = torch.load(tmp_path / "after.ckpt", weights_only=True)
+    ours = {f"model.{k}": v for k, v in module.model.state_dict().items()}
+    _assert_close_averages(ours, network(expected["state_dict"]), network(reference.raw))
+    assert all(torch.equal(saved["state_dict"][k], v) for k, v in ours.items())
+    raw = network(saved["current_model_state"])
+    assert raw.keys() == ours.keys() and all(torch.equal(raw[k], reference.raw[k]) for k in raw)
+    assert int(saved["averaging_state"]["n_averaged"]) == int(expected["averaging_state"]["n_averaged"]) == 20
+
+
+@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "graph-stand-in"])
+def test_swa_equals_torchs_equal_average_of_the_last_epochs_ends(
+    graphed: bool, folder: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if graphed:
+        request.getfixturevalue("graphs_on_the_cpu")
+    reference = TorchSWA(first_epoch=1)
+    module, _, trainer = _train(folder, tmp_path, epochs=3, callbacks=[reference], swa_epochs=2, swa_lr=0.01)
+    assert reference.average is not None and int(reference.average.n_averaged) == 2
+    expected = {f"model.{k}": v for k, v in reference.average.module.state_dict().items()}
+    ours = {f"model.{k}": v for k, v in module.model.state_dict().items()}
+    _assert_close_averages(ours, expected, reference.raw)
+    trainer.save_checkpoint(tmp_path / "after.ckpt")
+    assert int(torch.load(tmp_path / "after.ckpt", weights_only=True)["averaging_state"]["n_averaged"]) == 2
+
+
+class CountOps(TorchDispatchMode):
+    """The name of every op dispatched while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "resnet18", "resnet50"])
+def test_an_average_update_is_five_multi_tensor_ops_whatever_the_network(arch: str) -> None:
+    """One lerp over the floating-point tensors and four ops over the integer buffers (EMA and SWA alike), where
+    torch's AveragedModel.update_parameters, which Lightning's callback calls, dispatches ops per tensor."""
+    from torch.optim.swa_utils import get_ema_avg_fn
+
+    from cifar_resnet.training.averaging import EMA, SWA
+
+    module = ImageClassifier(arch=arch, num_classes=10)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_progress_bar=False)
+    expected = {EMA: ["_foreach_add", "_foreach_copy_", "_foreach_lerp_", "_foreach_mul", "_foreach_mul"],
+                SWA: ["_foreach_add", "_foreach_copy_", "_foreach_div", "_foreach_lerp_", "_foreach_sub"]}  # fmt: skip
+    for averaging in (EMA(0.9), SWA(2)):
+        averaging.setup(trainer, module, "fit")
+        averaging.on_fit_start(trainer, module)
+        for _ in range(2):  # the first update copies, the second averages
+            with CountOps() as counted:
+                averaging.update_in_step()
+                averaging.after_step(epoch=2, last_of_epoch=True)
+        assert averaging.count == 2 and sorted(counted.ops) == expected[type(averaging)], counted.ops
+    reference = AveragedModel(module.model, avg_fn=get_ema_avg_fn(0.9), use_buffers=True)
+    reference.update_parameters(module.model)
+    with CountOps() as counted:
+        reference.update_parameters(module.model)
+    tensors = len([*module.model.parameters(), *module.model.buffers()])
+    assert len(counted.ops) > 2 * tensors > 5, (len(counted.ops), tensors)
+
+
 # Functions that only read the CPU generator's draws (a batch's augmentation plan, MixUp's λ and box), never a
 # tensor on the batch's device: on the CPU their reads look like syncs, on a GPU they touch host memory only.
 # The meta-device tests (tests/test_recipes.py, tests/test_policy_augment.py) check that they hold no batch data.
 _HOST_ONLY = {"draw", "_draw_autoaugment", "_op_counts", "draw_mix"}
 
+# The reads designed into an epoch's last batch, by the project function they come from (file, function): the
+# logged step loss, the divergence check, the epoch's throughput figure, the DataLoader's host-side seed draw.
+_EPOCH_END_READS = {("module.py", "_log_step_scalars"), ("reliability.py", "on_train_batch_end"),
+                    ("callbacks.py", "on_train_batch_end"), ("datamodule.py", "__iter__")}  # fmt: skip
+
 
 class SyncRecorder(TorchDispatchMode):
-    """Every syncing op, with the training batch during which it ran (all hooks, Lightning's own included)."""
+    """Every syncing op, with the training batch during which it ran (all hooks, Lightning's own included), where
+    it ran, and the innermost project function (file name, function) that led to it."""
 
     def __init__(self) -> None:
         super().__init__()
         self.batch: tuple[int, int] | None = None
-        self.records: list[tuple[tuple[int, int], str, str]] = []
+        self.records: list[tuple[tuple[int, int], str, str, tuple[str, str]]] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         name = func.overloadpacket.__name__
         if self.batch is not None and name in SYNCING_OPS:
-            frames = [f for f in traceback.extract_stack()[:-1] if "torch/" not in f.filename]
+            stack = traceback.extract_stack()[:-1]
+            frames = [f for f in stack if "torch/" not in f.filename]
             if any(f.filename.endswith("policies.py") and f.name in _HOST_ONLY for f in frames):
                 return func(*args, **(kwargs or {}))
             where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
-            self.records.append((self.batch, name, where))
+            project = [f for f in stack if "/cifar_resnet/" in f.filename]
+            site = (Path(project[-1].filename).name, project[-1].name) if project else ("?", "?")
+            self.records.append((self.batch, name, where, site))
         return func(*args, **(kwargs or {}))
 
 
@@ -263,17 +411,25 @@ class MarkBatches(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
         self.recorder.batch = (trainer.current_epoch, idx)
 
+    def on_validation_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.recorder.batch = None  # an epoch's last batch is watched up to its validation
+
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         self.recorder.batch = None
 
 
-@pytest.mark.parametrize("recipe", [(), ("--policy", "randaugment", "--mixup", "1", "--cutmix", "1")],
-                         ids=["plain", "policy-and-mixing"])  # fmt: skip
+@pytest.mark.parametrize(
+    "recipe",
+    [(), ("--policy", "randaugment", "--mixup", "1", "--cutmix", "1"), ("--ema", "0.9"), ("--swa_epochs", "1")],
+    ids=["plain", "policy-and-mixing", "ema", "swa"],
+)
 @pytest.mark.parametrize("graphed", [False, True], ids=["eager", "graph-stand-in"])
 def test_training_steps_never_wait_for_the_device_except_to_log(
     graphed: bool, recipe: tuple[str, ...], folder: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    """Between an epoch's first and last batch, the only host read is the step loss every log_every_n_steps."""
+    """From an epoch's first batch to its validation, the only host reads are the step loss every
+    log_every_n_steps and at the epoch's last step, and the divergence check at the epoch's last step; weight
+    averaging (EMA every step, SWA at the epoch's last step) adds none."""
     if graphed:
         request.getfixturevalue("graphs_on_the_cpu")
 
@@ -294,15 +450,22 @@ def test_training_steps_never_wait_for_the_device_except_to_log(
     with recorder:
         fit(*args)
     per_batch: dict[tuple[int, int], list[str]] = {}
-    for batch, name, where in recorder.records:
+    sites: dict[tuple[int, int], list[tuple[str, str]]] = {}
+    for batch, name, where, site in recorder.records:
         per_batch.setdefault(batch, []).append(f"{name} at {where}")
+        sites.setdefault(batch, []).append(site)
     assert {epoch for epoch, _ in per_batch} == {0, 1}, "the recorder saw both epochs"
     for epoch in (0, 1):
-        for idx in range(9):  # the epoch's last batch (9) also validates, checkpoints and logs the epoch
+        for idx in range(9):
             step = epoch * 10 + idx
             expected = 1 if (step + 1) % 4 == 0 else 0
             reads = per_batch.get((epoch, idx), [])
             assert len(reads) == expected, f"step {step}: {reads}"
+        # The epoch's last batch, up to its validation: the loss is logged once, and nothing else reads but the
+        # epoch's designed reads (divergence check, throughput, the loader's seed).
+        last = sites.get((epoch, 9), [])
+        assert last.count(("module.py", "_log_step_scalars")) == 1, per_batch.get((epoch, 9))
+        assert set(last) <= _EPOCH_END_READS, per_batch.get((epoch, 9))
 
 
 def test_the_lr_tensor_follows_the_replanned_schedule_after_a_resume(folder: Path, tmp_path: Path) -> None:

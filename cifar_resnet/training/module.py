@@ -19,7 +19,7 @@ from cifar_resnet.config import ModelConfig, as_dict, upgrade_names
 from cifar_resnet.data.policies import dominant_labels, mixed_soft_targets, soft_target_cross_entropy
 from cifar_resnet.errors import UserError
 from cifar_resnet.models import create_model
-from cifar_resnet.training.averaging import averaging_callback
+from cifar_resnet.training.averaging import WeightAverage, averaging_callback
 from cifar_resnet.training.schedule import LRSchedule
 from cifar_resnet.training.step import (
     IMAGES,
@@ -91,6 +91,7 @@ class ImageClassifier(L.LightningModule):
         self._tally_epoch: int | None = None
         self._epoch_start_step = 0  # the global step at which the current epoch began
         self._planned_steps: int | None = None  # the schedule length a restored checkpoint was trained with
+        self._averaging: WeightAverage | None = None  # --ema / --swa_epochs, while fitting
 
     def configure_model(self) -> None:
         """Speed switches that change how, not what, the network computes."""
@@ -162,6 +163,8 @@ class ImageClassifier(L.LightningModule):
         backward(loss)
         optimizer_step()
         self._updates_issued += 1
+        if self._averaging is not None:  # EMA: in the same step (and graph) as the weights it follows
+            self._averaging.update_in_step()
         self.tally.update(loss, logits, hard_labels)
         self._last_loss = loss
 
@@ -202,6 +205,7 @@ class ImageClassifier(L.LightningModule):
         step = self.global_step
         lr = self._set_lr(step)
         trained = False
+        last_of_epoch = batch_idx + 1 == self.trainer.num_training_batches
         if self._graphed is not None:
             issued = self._updates_issued
             try:
@@ -221,7 +225,9 @@ class ImageClassifier(L.LightningModule):
         if not trained:
             lightning_optimizer = self.optimizers()
             self._step(tuple(batch), self.manual_backward, lightning_optimizer.step)
-        self._log_step_scalars(step, lr, last_of_epoch=batch_idx + 1 == self.trainer.num_training_batches)
+        if self._averaging is not None:  # before any batch-end hook can save: checkpoints include this update
+            self._averaging.after_step(self.current_epoch, last_of_epoch)
+        self._log_step_scalars(step, lr, last_of_epoch=last_of_epoch)
 
     def _set_lr(self, step: int) -> float:
         assert self.lr_schedule is not None and self._lr is not None
@@ -319,8 +325,8 @@ class ImageClassifier(L.LightningModule):
         """The weight averaging the options ask for (``--ema``, ``--swa_epochs``), added to the trainer's."""
         if self.trainer.state.fn != TrainerFn.FITTING:  # a test after the fit reads the averaged checkpoint
             return []
-        averaging = averaging_callback(self.config.ema, self.config.swa_epochs)
-        return [averaging] if averaging is not None else []
+        self._averaging = averaging_callback(self.config.ema, self.config.swa_epochs)
+        return [self._averaging] if self._averaging is not None else []
 
     def on_train_epoch_start(self) -> None:
         # A mid-epoch checkpoint carries the epoch's partial sums; any other start begins from zero.
