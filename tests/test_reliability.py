@@ -374,7 +374,9 @@ with open(os.environ["PREPARE_TRACE"], "a") as f:
 
 
 @pytest.mark.slow
-def test_two_process_ddp_trains_validates_like_one_process_and_resumes_on_one(tiny_folder: Path, tmp_path: Path):
+def test_two_process_ddp_trains_validates_like_one_process_and_resumes_on_one(
+    tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
     import lightning as L
 
     from cifar_resnet.data import CIFARDataModule
@@ -410,9 +412,12 @@ def test_two_process_ddp_trains_validates_like_one_process_and_resumes_on_one(ti
     # The DDP checkpoint resumes on one process when asked to (2 processes x 1 step an epoch, then 3 steps an
     # epoch); without --devices and --strategy it would continue as it was started, on two.
     args[args.index("--max_epochs") + 1] = "2"
+    capsys.readouterr()
     fit(*args, "--ckpt_path", str(last), "--devices", "1", "--strategy", "auto")
     resumed = load_checkpoint(last)
     assert (resumed["epoch"], resumed["global_step"]) == (1, ckpt["global_step"] + 3)
+    assert "continuing on 1 process (was 2): global batch 8 (was 16) per step" in capsys.readouterr().out
+    assert {g["lr"] for g in resumed["optimizer_states"][0]["param_groups"]} == {0.0}, "the schedule ends at its end"
 
     # And the reverse: that one-process checkpoint continues under DDP (1 step an epoch per process).
     args[args.index("--max_epochs") + 1] = "3"
@@ -422,3 +427,5 @@ def test_two_process_ddp_trains_validates_like_one_process_and_resumes_on_one(ti
     assert proc.returncode == 0, proc.stderr[-2000:]
     again = load_checkpoint(last)
     assert (again["epoch"], again["global_step"]) == (2, resumed["global_step"] + 1)
+    assert "continuing on 2 processes (was 1): global batch 16 (was 8) per step" in proc.stdout
+    assert {g["lr"] for g in again["optimizer_states"][0]["param_groups"]} == {0.0}

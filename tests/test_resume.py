@@ -369,10 +369,20 @@ def test_a_signal_in_any_phase_exits_non_zero_with_one_line(
         assert "nothing was trained, nothing to resume" in lines[0]
         assert not (logs / "resnet20" / "version_0").exists(), "no empty run folder left"
     elif phase == "test":
-        assert f"training is complete ({last}); test it with: python scripts/test.py --ckpt_path {last}" in lines[0]
+        assert (
+            f"training is complete ({last}); run the final test and write the run's record with: python "
+            f"scripts/fit.py --ckpt_path {last}" in lines[0]
+        )
     else:
         assert last.is_file() and (f"resume with: python scripts/fit.py --ckpt_path {last}" in lines[0]
                                    or "training is complete" in lines[0]), lines  # fmt: skip
+    if phase in ("last validation", "test"):
+        # The stopped validation or test runs again on resume, and the run ends with its record.
+        resumed = run_script(FIT, "--ckpt_path", str(last), tmp_path=tmp_path)
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        record = json.loads((logs / "resnet20" / "version_0" / "result.json").read_text())
+        assert record["best_epoch"] == 1 and record["best_val_acc"] is not None
+        assert (record["test_acc"] is not None) == (phase == "test")
 
 
 # ---------------------------------------------------------------------------------------------- 7

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -26,10 +27,10 @@ from cifar_resnet.data.stats import describe_data
 from cifar_resnet.errors import UserError
 from cifar_resnet.training.loggers import check_logger_package
 from cifar_resnet.training.module import ImageClassifier
-from cifar_resnet.training.records import RunClock, build_record, write_record
+from cifar_resnet.training.records import RECORD_NAME, RunClock, build_record, write_record
 from cifar_resnet.training.reliability import StopSignals, TrainingInterruptedError, sigterm_stop
 from cifar_resnet.training.resume import ResumePlan, plan_resume
-from cifar_resnet.training.runs import RunLocation, claim_run_folder, run_location_of, run_lock
+from cifar_resnet.training.runs import RunLocation, claim_run_folder, read_checkpoint, run_location_of, run_lock
 from cifar_resnet.training.step import GraphReplayError
 from cifar_resnet.training.trainer import RunLabel, build_trainer, run_dir
 
@@ -43,6 +44,18 @@ def absolute_paths(config: FitConfig) -> FitConfig:
                    cache_dir=str(Path(data.cache_dir).expanduser().resolve()) if data.cache_dir else None)  # fmt: skip
     trainer = replace(config.trainer, log_dir=str(Path(config.trainer.log_dir).expanduser().resolve()))
     return replace(config, data=data, trainer=trainer)
+
+
+def _has_record(checkpoint: Path, max_epochs: int) -> bool:
+    """Whether the run folder of ``checkpoint`` holds the record of a run finished at ``max_epochs``."""
+    location = run_location_of(checkpoint)
+    record = location.path / RECORD_NAME if location is not None else None
+    if record is None or not record.is_file():
+        return False
+    try:
+        return json.loads(record.read_text()).get("epochs") == max_epochs
+    except (OSError, ValueError):
+        return False
 
 
 def _best_epoch(best_path: str) -> int | None:
@@ -95,6 +108,65 @@ def _run_folder(config: FitConfig, plan: ResumePlan, rank_zero: bool) -> tuple[R
     return claim_run_folder(config.trainer.log_dir, config.model.arch), True
 
 
+def _branch_off(plan: ResumePlan) -> tuple[ResumePlan, set[Path]]:
+    """Continue an older checkpoint of a run (an old best) as a new run beside it, leaving the run itself as it is.
+
+    The checkpoint, and the best checkpoint it records, are copied into the new run's ``checkpoints/``, which the
+    resumed run then owns: it never writes the original's ``last.ckpt`` or ``result.json``, nor deletes its best.
+    """
+    assert plan.checkpoint is not None and plan.newer is not None
+    original = run_location_of(plan.checkpoint)
+    assert original is not None
+    if os.environ.get(RUN_FOLDER_ENV):  # a process launched by the first one: it already branched off
+        folder = Path(os.environ[RUN_FOLDER_ENV])
+        return replace(plan, checkpoint=folder / "checkpoints" / plan.checkpoint.name, newer=None), set()
+    location = claim_run_folder(original.save_dir, original.name)
+    target = location.path / "checkpoints"
+    target.mkdir()
+    copies = {target / plan.checkpoint.name}
+    best = _recorded_best(plan.stored)
+    if best is not None and best.parent == plan.checkpoint.parent and best.is_file():
+        copies.add(target / best.name)
+    for copy in copies:
+        shutil.copy2(plan.checkpoint.parent / copy.name, copy)
+    newest_step = int(read_checkpoint(plan.newer).get("global_step", 0))
+    say(f"{plan.checkpoint} is an earlier state of its run (its last.ckpt is at step {newest_step}, this one at step "
+        f"{plan.step}): continuing it as a new run in {location.path}; {original.path} is left as it is",
+        flush=True)  # fmt: skip
+    copied = target / plan.checkpoint.name
+    config = replace(plan.config, run=replace(plan.config.run, ckpt_path=str(copied)))
+    return replace(plan, config=config, checkpoint=copied, newer=None), copies
+
+
+def _check_process_count(plan: ResumePlan, world_size: int, batch_size: int) -> None:
+    """A run may continue on another number of processes (another global batch) only from an epoch's start.
+
+    Inside an epoch the data order is planned for the process count the epoch began with: resumed on another
+    count, some of its images would train twice and others not at all.
+    """
+    saved = int(plan.stored.get("world_size", world_size))
+    if saved == world_size:
+        return
+    if plan.mid_epoch:
+        raise UserError(
+            f"{plan.checkpoint} was written inside an epoch by {saved} process{'es' if saved > 1 else ''}; continue "
+            f"it on {saved} (--devices and --num_nodes as it ran) to the epoch's end, or from a checkpoint written "
+            f"at an epoch's end, to change the number of processes"
+        )
+    say(f"continuing on {world_size} process{'es' if world_size > 1 else ''} (was {saved}): global batch "
+        f"{world_size * batch_size} (was {saved * batch_size}) per step; the LR schedule is re-planned to end at "
+        "the run's last step", flush=True)  # fmt: skip
+
+
+def _recorded_best(checkpoint: dict[str, Any]) -> Path | None:
+    """The best checkpoint's path that a checkpoint's ModelCheckpoint record holds, if any."""
+    for key, state in checkpoint.get("callbacks", {}).items():
+        if key.startswith("ModelCheckpoint") and isinstance(state, dict) and state.get("monitor") == "val/acc":
+            path = state.get("best_model_path")
+            return Path(path) if path else None
+    return None
+
+
 def _fit(config: FitConfig, explicit: Collection[str], command: list[str]) -> dict[str, Any]:
     may_download = config.data.download or config.data.data_dir == DEFAULT_DATA_DIR
     config = absolute_paths(config)
@@ -102,17 +174,24 @@ def _fit(config: FitConfig, explicit: Collection[str], command: list[str]) -> di
     if log_dir.exists() and not log_dir.is_dir():
         raise UserError(f"--log_dir {log_dir} is a file; pass a folder (runs land in LOG_DIR/<arch>/version_N)")
     plan = plan_resume(config, explicit)
+    branch: set[Path] = set()  # the files a branched-off run copied into its new folder
+    if plan.newer is not None:
+        plan, branch = _branch_off(plan)
     config = plan.config
     max_epochs = config.trainer.max_epochs
     if plan.checkpoint is not None:
         changed = f"; changed: {', '.join(plan.notes)}" if plan.notes else ""
         say(f"resuming {plan.checkpoint} (epoch {plan.epochs_done} of {max_epochs} done, step {plan.step})"
               f"{changed}", flush=True)  # fmt: skip
+        plan.check_length(max_epochs)
         if plan.epochs_done >= max_epochs:
-            epochs = f"{plan.epochs_done} epoch{'s' if plan.epochs_done != 1 else ''}"
-            say(f"the run is finished: {epochs} trained of --max_epochs {max_epochs}; nothing to do (raise "
-                  "--max_epochs to train longer)", flush=True)  # fmt: skip
-            return {"finished_already": True}
+            if _has_record(plan.checkpoint, max_epochs):
+                epochs = f"{plan.epochs_done} epoch{'s' if plan.epochs_done != 1 else ''}"
+                say(f"the run is finished: {epochs} trained of --max_epochs {max_epochs}; nothing to do (raise "
+                      "--max_epochs to train longer)", flush=True)  # fmt: skip
+                return {"finished_already": True}
+            # Training is complete but a stop cut the final test (or the record) short: do them now.
+            say("training is complete; running the final test and writing the record", flush=True)
     else:
         for note in plan.notes:
             say(note, flush=True)
@@ -144,6 +223,7 @@ def _fit(config: FitConfig, explicit: Collection[str], command: list[str]) -> di
     rank_zero = launched_as_rank_zero()
     new_parents = [p for p in (log_dir / config.model.arch, log_dir) if not p.exists()]  # deepest first
     location, created = _run_folder(config, plan, rank_zero)
+    created = created or bool(branch)
     try:
         with StopSignals() as signals, contextlib.ExitStack() as stack:
             if rank_zero and location is not None:
@@ -156,7 +236,7 @@ def _fit(config: FitConfig, explicit: Collection[str], command: list[str]) -> di
     except (UserError, TrainingInterruptedError):
         # Bad input or data, or a signal before the first step: a folder this call created holds nothing to keep.
         folder = location.path if location is not None else None
-        if created and folder is not None and folder.is_dir() and not any(folder.rglob("*.ckpt")):
+        if created and folder is not None and folder.is_dir() and set(folder.rglob("*.ckpt")) <= branch:
             shutil.rmtree(folder, ignore_errors=True)
             for parent in new_parents:  # and the folders the claim created for it, when nothing else is there
                 with contextlib.suppress(OSError):
@@ -195,6 +275,8 @@ def _train_and_test(
     stored = replace(config, run=replace(config.run, ckpt_path=None)).flat()
     label = RunLabel(config.model.arch, location, render, stored, signals)
     trainer, checkpoints = build_trainer(config.trainer, label)
+    if plan.checkpoint is not None:
+        _check_process_count(plan, trainer.world_size, config.data.batch_size)
     ckpt_path = str(plan.checkpoint) if plan.checkpoint else None
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -305,8 +387,8 @@ def interruption_message(stop: TrainingInterruptedError) -> str:
         return f"{stop}; nothing was trained, nothing to resume"
     if stop.phase.startswith("after training") or stop.phase == "during the final test":
         return (
-            f"{stop}; training is complete ({stop.checkpoint}); test it with: python scripts/test.py --ckpt_path "
-            f"{Path(stop.checkpoint).resolve()}"
+            f"{stop}; training is complete ({stop.checkpoint}); run the final test and write the run's record with: "
+            f"{resume_command(stop.checkpoint)}"
         )
     if not stop.written:  # the stop wrote nothing: the run's newest file is older, and complete (atomic writes)
         return (

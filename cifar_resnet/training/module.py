@@ -89,6 +89,7 @@ class ImageClassifier(L.LightningModule):
         self.step_mode: dict[str, str | None] = {"mode": "eager", "reason": "not trained yet"}
         self._updates_issued = 0  # optimizer steps issued by _step, to tell whether a failed warm-up updated
         self._tally_epoch: int | None = None
+        self._epoch_start_step = 0  # the global step at which the current epoch began
         self._planned_steps: int | None = None  # the schedule length a restored checkpoint was trained with
         self._averaging: WeightAverage | None = None  # --ema / --swa_epochs, while fitting
 
@@ -292,12 +293,23 @@ class ImageClassifier(L.LightningModule):
     def on_train_end(self) -> None:
         self._graphed = None  # the graph's memory pool is freed; a later fit captures anew
 
+    def _planned_total_steps(self) -> int:
+        """The step at which this run ends: the steps taken before the current epoch, then this epoch and the rest at
+        the current number of steps an epoch. A run resumed at an epoch's start with another process count (another
+        global batch, so another number of steps an epoch) still ends its schedule on its last step."""
+        trainer = self.trainer
+        if trainer.fast_dev_run or trainer.max_epochs is None or trainer.max_epochs < 0:
+            return int(trainer.estimated_stepping_batches)
+        resumed_inside_epoch = self._tally_epoch == self.current_epoch
+        start = self._epoch_start_step if resumed_inside_epoch else self.global_step
+        return start + (trainer.max_epochs - self.current_epoch) * int(trainer.num_training_batches)
+
     def _make_schedule(self) -> LRSchedule:
         hp = self.config
         try:
             return LRSchedule.for_run(
                 hp.lr,
-                int(self.trainer.estimated_stepping_batches),
+                self._planned_total_steps(),
                 self.trainer.max_epochs or 1,
                 hp.warmup_epochs,
                 hp.schedule,
@@ -321,6 +333,7 @@ class ImageClassifier(L.LightningModule):
         if self._tally_epoch != self.current_epoch:
             self.tally.reset_sums()
             self._tally_epoch = self.current_epoch
+            self._epoch_start_step = self.global_step
 
     def on_train_epoch_end(self) -> None:
         sums = self.tally.sums.clone()
@@ -411,10 +424,13 @@ class ImageClassifier(L.LightningModule):
                 group["lr"] = next_lr
         checkpoint["lr_schedule_steps"] = self.lr_schedule.total_steps if self.lr_schedule is not None else None
         checkpoint["tally_epoch"] = self._tally_epoch
+        checkpoint["epoch_start_step"] = self._epoch_start_step
+        checkpoint["world_size"] = self.trainer.world_size if self._trainer is not None else 1
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._planned_steps = checkpoint.get("lr_schedule_steps")
         self._tally_epoch = checkpoint.get("tally_epoch")
+        self._epoch_start_step = int(checkpoint.get("epoch_start_step", 0))
         _upgrade_automatic_optimization_checkpoint(checkpoint, self.tally.state_dict(prefix="tally."))
 
 

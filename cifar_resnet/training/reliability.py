@@ -26,6 +26,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 
 from cifar_resnet.errors import UserError
 from cifar_resnet.fileio import atomic_torch_save
+from cifar_resnet.training import lightning_compat
 
 # Exit statuses of a run stopped by a signal, as a shell reports a process killed by it (128 + signum).
 EXIT_SIGINT = 128 + signal.SIGINT
@@ -612,10 +613,12 @@ class GracefulInterrupt(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:  # fmt: skip
+        # The checkpoint written here resumes by running this validation again (ValidationRerun).
         if trainer.world_size > 1:  # processes stop together, at a training step (above)
             return
-        if self.signals.signum == signal.SIGINT and trainer.state.fn == "fit" and not trainer.sanity_checking:
-            self._save_and_stop(trainer, signal.SIGINT, "during validation")
+        signum = self.signals.signum or (signal.SIGTERM if trainer.received_sigterm else None)
+        if signum is not None and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._save_and_stop(trainer, signum, "during validation")
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # Lightning raises SIGTERMException itself outside training batches (e.g. during validation).
@@ -623,6 +626,11 @@ class GracefulInterrupt(Callback):
             self.signum = signal.SIGTERM
             self.signals.stopping = True
             target = self._target(trainer)
+            if trainer.current_epoch >= (trainer.max_epochs or 0) and target.is_file():
+                # Training is complete and its last epoch's checkpoint written: a save now would only differ from
+                # it in Lightning's epoch counter, and the resumed run goes straight to the final test.
+                self.saved = target
+                return
             trainer.save_checkpoint(target, weights_only=False)
             self.saved = target
 
@@ -663,3 +671,17 @@ def sigterm_stop(trainer: L.Trainer, phase: str = "during training") -> Training
     """The error for a SIGTERM that Lightning turned into SIGTERMException (a SystemExit that exits 0)."""
     saved = next((cb.saved for cb in trainer.callbacks if isinstance(cb, GracefulInterrupt)), None)
     return TrainingInterruptedError(signal.SIGTERM, saved, phase if saved is not None else "before training")
+
+
+class ValidationRerun(Callback):
+    """A checkpoint written after an epoch's training but before its validation finished resumes by running that
+    validation again, from its first batch.
+
+    Such checkpoints come from a stop during validation and from a step checkpoint (``--ckpt_every_n_steps``) at an
+    epoch's last batch; left as Lightning writes them, a resumed run would never validate that epoch, so its best
+    checkpoint, ``val/acc_best`` and the run's record would differ from an uninterrupted run's.
+    """
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if lightning_compat.validation_unfinished(trainer):
+            lightning_compat.mark_validation_pending(checkpoint)

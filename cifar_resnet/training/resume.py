@@ -10,15 +10,11 @@ from typing import Any
 
 from cifar_resnet.config import DataConfig, FitConfig, ModelConfig, as_dict, option_spec, upgrade_names
 from cifar_resnet.errors import UserError
-from cifar_resnet.training.runs import (
-    completed_epochs,
-    find_last_checkpoint,
-    newest_last_checkpoint,
-    read_checkpoint,
-    run_location_of,
-)
+from cifar_resnet.training.lightning_compat import completed_epochs, epoch_in_progress
+from cifar_resnet.training.runs import find_last_checkpoint, newest_last_checkpoint, read_checkpoint, run_location_of
 
 RUN_CONFIG_KEY = "run_config"  # where a checkpoint keeps the flat config of its run
+LAST_NAME = "last.ckpt"
 
 
 @dataclass
@@ -31,6 +27,27 @@ class ResumePlan:
     step: int = 0
     notes: list[str] = field(default_factory=list)
     stored: dict[str, Any] = field(default_factory=dict)  # the checkpoint itself, for identity checks
+    newer: Path | None = None  # the run's last.ckpt, when it holds a later state than ``checkpoint``
+
+    @property
+    def mid_epoch(self) -> bool:
+        """Whether the checkpoint was written inside an epoch (its training or validation not finished)."""
+        return epoch_in_progress(self.stored)
+
+    def position(self) -> str:
+        """Where the run stands, as the progress lines count epochs (from 1)."""
+        if self.mid_epoch:
+            return f"inside epoch {self.epochs_done + 1} (step {self.step})"
+        return f"after epoch {self.epochs_done} (step {self.step})"
+
+    def check_length(self, max_epochs: int) -> None:
+        """Refuse a ``--max_epochs`` that ends before the point the run has reached."""
+        reached = self.epochs_done + (1 if self.mid_epoch else 0)
+        if max_epochs < reached:
+            raise UserError(
+                f"--max_epochs {max_epochs} ends before the run's position ({self.position()} of {self.checkpoint}); "
+                f"pass --max_epochs {reached} or more, or start a new run"
+            )
 
 
 def as_flag(name: str, value: Any) -> str:
@@ -121,5 +138,17 @@ def plan_resume(config: FitConfig, explicit: Collection[str]) -> ResumePlan:
     changed.pop("log_dir", None)
     notes = [f"{as_flag(name, value)} (was {as_flag(name, old.get(name))})" for name, value in changed.items()]
     notes += unused
-    return ResumePlan(resumed, path, completed_epochs(checkpoint), int(checkpoint.get("global_step", 0)), notes,
-                      checkpoint)  # fmt: skip
+    step = int(checkpoint.get("global_step", 0))
+    return ResumePlan(resumed, path, completed_epochs(checkpoint), step, notes, checkpoint, _newer_state(path, step))
+
+
+def _newer_state(path: Path, step: int) -> Path | None:
+    """The ``last.ckpt`` of the run folder ``path`` is in, when it is another file at another step: resuming from
+    ``path`` would then rewind the run."""
+    location = run_location_of(path)
+    if location is None:
+        return None
+    last = location.path / "checkpoints" / LAST_NAME
+    if not last.is_file() or last.resolve() == path.resolve():
+        return None
+    return last if int(read_checkpoint(last).get("global_step", 0)) != step else None

@@ -191,9 +191,3 @@ def unloadable_reason(path: Path, err: BaseException) -> str:
 def checkpoint_hparams(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The LightningModule's hyperparameters stored in a checkpoint."""
     return dict(checkpoint.get("hyper_parameters", {}))
-
-
-def completed_epochs(checkpoint: dict[str, Any]) -> int:
-    """Epochs whose training a checkpoint has finished (a mid-epoch checkpoint counts its epoch as not done)."""
-    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
-    return int(progress.get("processed", checkpoint.get("epoch", 0)))

@@ -79,7 +79,7 @@ class LRSchedule:
 
     def __call__(self, step: int) -> float:
         """The LR of optimizer step ``step`` (0-based)."""
-        if step >= self.scheduled_steps:
+        if self.swa_steps and step >= self.scheduled_steps:
             return self.swa_lr
         if step < self.warmup_steps:
             return self.peak_lr * (step + 1) / self.warmup_steps

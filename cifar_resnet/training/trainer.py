@@ -35,6 +35,7 @@ from cifar_resnet.training.reliability import (
     RunFolderRelocation,
     StepCheckpoint,
     StopSignals,
+    ValidationRerun,
 )
 from cifar_resnet.training.reporting import ValidationReport
 from cifar_resnet.training.runs import RunLocation
@@ -183,6 +184,7 @@ def build_trainer(config: TrainerConfig, label: RunLabel) -> tuple[L.Trainer, Ch
         RNGState(),
         DivergenceStop(config.max_nonfinite_steps),
         GracefulInterrupt(checkpoints.last, label.signals),
+        ValidationRerun(),
         CheckpointWriteWatch(),
         EpochThroughput(),
         AugmentationPreview(),
