@@ -103,9 +103,14 @@ def test_wandb_offline_writes_its_run_in_the_run_folder(
     logs = tmp_path / "logs"
     args = fit_args(tiny_folder, logs, "--logger", "wandb", "--wandb_project", "p", "--max_epochs", "1", "--no_test")
     monkeypatch.delenv("WANDB_DIR")  # save_dir decides where the run goes
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*could not log.*")  # images must reach W&B, not be dropped
-        assert fit_cli.main(args) == 0
+    import wandb
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*could not log.*")  # images must reach W&B, not be dropped
+            assert fit_cli.main(args) == 0
+    finally:
+        wandb.teardown()  # ends W&B's service process, which would otherwise outlive the test
     run = logs / "resnet20" / "version_0"
     run_id = loggers._read_run_file(run / loggers.WANDB_RUN_FILE)["run_id"]
     offline = list((run / "wandb").glob(f"offline-run-*-{run_id}"))

@@ -216,6 +216,9 @@ def test_a_moved_run_folder_resumes_with_its_best_record(data: Path, tmp_path: P
     best_before = next(v for k, v in load_checkpoint(last)["callbacks"].items() if "'val/acc'" in k)["best_model_score"]
     result = fit(*fit_args(data, logs, "--max_epochs", "3", "--no_test", "--ckpt_path", str(last)))
     assert result["run_dir"] == str(moved)
+    assert result["curves"] == f"tensorboard --logdir {moved.parent.parent}", (
+        "the curves of the moved run, not the original"
+    )
     assert result["best_val_acc"] >= float(best_before), "the record survived the move"
     assert len(list((moved / "checkpoints").glob("best-*.ckpt"))) == 1
 

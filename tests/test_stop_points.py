@@ -213,14 +213,21 @@ def test_an_old_best_of_a_finished_run_continues_as_a_new_run_beside_it(
     assert record["epochs"] == 2 and record["best_epoch"] in (1, 2)
 
 
+def _stopped_inside_the_second_epoch(
+    reference: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[str], Path, Path]:
+    """A run stopped by SIGTERM at the second batch of its second epoch: its options, log folder and last.ckpt."""
+    logs = tmp_path / "logs"
+    args = fit_args(reference["data"], logs, *COMMON)
+    with pytest.raises(TrainingInterruptedError):
+        _fit_with(monkeypatch, SendSignal(StopPoint("train", 1, 1), signal.SIGTERM), *args)
+    return args, logs, logs / RUN / "checkpoints" / "last.ckpt"
+
+
 def test_max_epochs_below_the_runs_position_is_refused_in_one_line(
     reference: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    data, logs = reference["data"], tmp_path / "logs"
-    args = fit_args(data, logs, *COMMON)
-    with pytest.raises(TrainingInterruptedError):
-        _fit_with(monkeypatch, SendSignal(StopPoint("train", 1, 1), signal.SIGTERM), *args)
-    last = logs / RUN / "checkpoints" / "last.ckpt"
+    args, logs, last = _stopped_inside_the_second_epoch(reference, tmp_path, monkeypatch)
     assert load_checkpoint(last)["global_step"] == 5, "stopped inside the second epoch"
     before = files_of(logs)
     capsys.readouterr()
@@ -237,11 +244,7 @@ def test_max_epochs_below_the_runs_position_is_refused_in_one_line(
 def test_another_process_count_is_refused_inside_an_epoch(
     reference: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    data, logs = reference["data"], tmp_path / "logs"
-    args = fit_args(data, logs, *COMMON)
-    with pytest.raises(TrainingInterruptedError):
-        _fit_with(monkeypatch, SendSignal(StopPoint("train", 1, 1), signal.SIGTERM), *args)
-    last = logs / RUN / "checkpoints" / "last.ckpt"
+    args, logs, last = _stopped_inside_the_second_epoch(reference, tmp_path, monkeypatch)
     checkpoint = load_checkpoint(last)
     assert checkpoint["world_size"] == 1
     checkpoint["world_size"] = 2  # as written inside an epoch by a run of two processes
