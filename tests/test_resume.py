@@ -316,7 +316,11 @@ def _pausing(function):
         _calls[0] += 1
         if _calls[0] == _at:
             _marker.write_text("here")
-            time.sleep(3)  # the test signals now; a signal recorded while training is acted on after the batch
+            # The test signals now, then writes the "sent" file: wait for that state (the signal's handler has run by
+            # then, in this loop); the deadline only guards against a hang.
+            sent, deadline = _marker.with_name("sent"), time.monotonic() + 120
+            while not sent.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
         return function(*args, **kwargs)
     return paused
 
@@ -359,6 +363,7 @@ def test_a_signal_in_any_phase_exits_non_zero_with_one_line(
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)
         proc.send_signal(signum)
+        (marker.parent / "sent").write_text("sent")
         _, err = proc.communicate(timeout=120)
     finally:
         end(proc)
